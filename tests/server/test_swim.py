@@ -1,0 +1,345 @@
+"""SWIM state machine, driven through an in-process network with a simulated clock.
+
+The network routes ``Outgoing`` between ``Swim`` instances with a seeded RNG for loss and
+delay, and can crash, pause or partition members. Nothing here sleeps or opens a socket.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from dataclasses import replace
+
+from server.swim import (
+    _TRANSITIONS,
+    Member,
+    MemberEvent,
+    MemberState,
+    Outgoing,
+    Swim,
+    SwimConfig,
+)
+from server.swim_codec import Ack, Addr, Message, Ping, PushPull, Rumor, decode, encode
+
+ALIVE, SUSPECT, FAULTY = MemberState.ALIVE, MemberState.SUSPECT, MemberState.FAULTY
+LEAVING, LEFT = MemberState.LEAVING, MemberState.LEFT
+CFG = SwimConfig()
+PERIOD = CFG.protocol_period
+
+
+class SimNet:
+    def __init__(
+        self,
+        n: int,
+        *,
+        seed: int,
+        loss: float = 0.0,
+        config: SwimConfig = CFG,
+        delay: tuple[float, float] = (0.001, 0.005),
+        n_seeds: int = 3,
+        key: bytes | None = None,
+        dt: float = 0.02,
+    ) -> None:
+        self.rng = random.Random(seed)
+        self.loss, self.delay, self.key, self.dt = loss, delay, key, dt
+        self.now = 0.0
+        self.names = [f"n{i:03d}" for i in range(n)]
+        self.addr = {name: ("10.0.0.1", 7000 + i) for i, name in enumerate(self.names)}
+        self.by_addr = {a: name for name, a in self.addr.items()}
+        seeds = [self.addr[name] for name in self.names[:n_seeds]]
+        self.nodes = {
+            name: Swim(name, self.addr[name], meta={"role": "node"}, seeds=seeds, config=config,
+                       rng=random.Random(f"{seed}:{name}"), now=0.0)
+            for name in self.names
+        }
+        self.started: set[str] = set()
+        self.crashed: set[str] = set()
+        self.paused: set[str] = set()
+        self.group: dict[str, int] = {}
+        self.log: list[tuple[float, str, MemberEvent]] = []  # (time, observer, event)
+        self._heap: list[tuple[float, int, str, str, Message, bool]] = []
+        self._n = 0
+        self.packets = 0
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def up(self, name: str) -> bool:
+        return name in self.started and name not in self.crashed
+
+    def _reachable(self, src: str, dst: str) -> bool:
+        if not (self.up(src) and self.up(dst)) or src in self.paused or dst in self.paused:
+            return False
+        return self.group.get(src, 0) == self.group.get(dst, 0)
+
+    def send(self, src: str, outs: list[Outgoing]) -> None:
+        for out in outs:
+            dst = self.by_addr.get(out.addr)
+            if dst is None:
+                continue
+            self.packets += 1
+            # Push-pull rides TCP: no random loss, but partitions and crashes still cut it.
+            if not out.push_pull and self.rng.random() < self.loss:
+                continue
+            msg = out.message
+            if self.key is not None:
+                msg = decode(encode(msg, self.key), self.key)
+            self._n += 1
+            at = self.now + self.rng.uniform(*self.delay)
+            heapq.heappush(self._heap, (at, self._n, src, dst, msg, out.push_pull))
+
+    def start(self, name: str) -> None:
+        self.started.add(name)
+        self.send(name, self.nodes[name].start(self.now))
+
+    def step(self) -> None:
+        # Packets are handled at their own arrival time, timers only at tick granularity,
+        # as in the asyncio adapter.
+        end = self.now + self.dt
+        while self._heap and self._heap[0][0] <= end:
+            at, _, src, dst, msg, _ = heapq.heappop(self._heap)
+            self.now = max(self.now, at)
+            if self._reachable(src, dst):
+                self.send(dst, self.nodes[dst].receive(self.now, self.addr[src], msg))
+        self.now = end
+        for name in self.names:
+            if self.up(name):
+                self.send(name, self.nodes[name].tick(self.now))
+                for ev in self.nodes[name].take_events():
+                    self.log.append((self.now, name, ev))
+
+    def run(self, seconds: float, until=None, check_every: float = PERIOD) -> float | None:
+        """Run up to ``seconds``; return the elapsed time at which ``until()`` held, if any."""
+        start, next_check = self.now, self.now
+        while self.now - start < seconds:
+            self.step()
+            if until is not None and self.now >= next_check:
+                next_check = self.now + check_every
+                if until():
+                    return self.now - start
+        return None
+
+    # -- views ----------------------------------------------------------------------------
+
+    def live(self) -> list[str]:
+        return [n for n in self.names if self.up(n)]
+
+    def state_of(self, subject: str, observers: list[str] | None = None) -> set[MemberState | None]:
+        obs = self.live() if observers is None else observers
+        views = (self.nodes[o].members.get(subject) for o in obs if o != subject)
+        return {m.state if m is not None else None for m in views}
+
+    def converged(self, expect: int | None = None) -> bool:
+        live = self.live()
+        sums = {self.nodes[n].checksum() for n in live}
+        if len(sums) != 1:
+            return False
+        return expect is None or len(self.nodes[live[0]].live_members()) == expect
+
+    def boot(self, deadline: float = 20.0) -> float:
+        for name in self.names:
+            self.start(name)
+        self.run(0.1)
+        # Shortcut the join storm: every member gets the first seed's full table, as its
+        # next periodic push-pull would give it.
+        seed = self.names[0]
+        table = PushPull(seed, self.addr[seed], tuple(self.nodes[seed].members.values()), True)
+        for name in self.names[1:]:
+            self.send(name, self.nodes[name].receive(self.now, self.addr[seed], table))
+        took = self.run(deadline, until=lambda: self.converged(len(self.names)), check_every=0.5)
+        assert took is not None, "cluster did not converge after boot"
+        return took
+
+    def faulty_events(self, subject: str | None = None) -> list[tuple[float, str, MemberEvent]]:
+        return [
+            (t, obs, ev) for t, obs, ev in self.log
+            if ev.member.state is FAULTY and (subject is None or ev.member.name == subject)
+        ]
+
+
+# -- transition table -------------------------------------------------------------------
+
+
+def test_transition_table_covers_every_pair_and_orders_equal_incarnations() -> None:
+    assert len(_TRANSITIONS) == len(MemberState) ** 2
+    swim = Swim("a", ("h", 1), meta={}, seeds=[], config=CFG, rng=random.Random(1), now=0.0)
+    swim.start(0.0)
+
+    def claim(state: MemberState, inc: int) -> None:
+        rumor = Rumor(Member("b", ("h", 2), inc, state, {}), "c")
+        swim.receive(0.0, ("h", 3), Ack(0, "c", (rumor,)))
+
+    claim(ALIVE, 3)
+    claim(ALIVE, 2)  # older: ignored
+    assert swim.members["b"].incarnation == 3
+    claim(SUSPECT, 3)  # equal incarnation: suspect beats alive
+    assert swim.members["b"].state is SUSPECT
+    claim(ALIVE, 3)  # refutation needs a higher incarnation
+    assert swim.members["b"].state is SUSPECT
+    claim(FAULTY, 3)  # equal incarnation: faulty beats suspect
+    assert swim.members["b"].state is FAULTY
+    claim(SUSPECT, 3)
+    claim(LEFT, 3)  # nothing overrides faulty at the same incarnation
+    assert swim.members["b"].state is FAULTY
+    claim(ALIVE, 4)  # a rejoin
+    assert swim.members["b"].state is ALIVE
+    events = [(e.member.state, e.previous) for e in swim.take_events() if e.member.name == "b"]
+    assert events == [(ALIVE, None), (SUSPECT, ALIVE), (FAULTY, SUSPECT), (ALIVE, FAULTY)]
+
+
+def test_same_view_same_checksum_regardless_of_arrival_order() -> None:
+    members = [Member(f"m{i}", ("h", i), i % 3, ALIVE, {"i": i}) for i in range(1, 8)]
+
+    def view(order: list[Member], seed: int) -> Swim:
+        swim = Swim("m0", ("h", 0), meta={}, seeds=[], config=CFG, rng=random.Random(seed), now=0.0)
+        swim.start(0.0)
+        swim.receive(0.0, ("h", 1), PushPull("m1", ("h", 1), tuple(order), reply=True))
+        return swim
+
+    a = view(members, 1)
+    b = view(list(reversed(members)), 2)
+    assert a.checksum() == b.checksum()
+    assert [m.name for m in a.live_members()] == [f"m{i}" for i in range(8)]
+    bumped = [replace(m, incarnation=9) if m.name == "m3" else m for m in members]
+    assert view(bumped, 3).checksum() != a.checksum()
+
+
+def test_member_table_is_bounded() -> None:
+    cfg = SwimConfig(max_members=5)
+    swim = Swim("m0", ("h", 0), meta={}, seeds=[], config=cfg, rng=random.Random(1), now=0.0)
+    swim.start(0.0)
+    many = tuple(Member(f"m{i}", ("h", i), 0, ALIVE, {}) for i in range(1, 50))
+    swim.receive(0.0, ("h", 1), PushPull("m1", ("h", 1), many, reply=True))
+    assert len(swim.members) == 5
+
+
+def test_learning_it_was_declared_faulty_emits_once_and_rejoins() -> None:
+    swim = Swim("me", ("h", 0), meta={}, seeds=[], config=CFG, rng=random.Random(1), now=0.0)
+    swim.start(0.0)
+    swim.take_events()
+    dead_me = Rumor(Member("me", ("h", 0), 0, FAULTY, {}), "other")
+    for _ in range(3):  # the rumor keeps circulating; only the first one counts
+        swim.receive(1.0, ("h", 1), Ack(7, "other", (dead_me,)))
+    mine = [e for e in swim.take_events() if e.member.name == "me"]
+    assert [(e.member.state, e.previous) for e in mine] == [(FAULTY, ALIVE), (ALIVE, FAULTY)]
+    assert swim.rejoined_count == 1
+    assert swim.incarnation == 1
+    assert swim.members["me"].state is ALIVE
+
+
+def test_ping_for_another_name_is_not_acked() -> None:
+    # A restarted process on a reused port must not answer for the member that died there.
+    swim = Swim("new", ("h", 0), meta={}, seeds=[], config=CFG, rng=random.Random(1), now=0.0)
+    swim.start(0.0)
+    assert swim.receive(0.0, ("h", 1), Ping(1, "x", "old")) == []
+    [out] = swim.receive(0.0, ("h", 1), Ping(2, "x", "new"))
+    assert isinstance(out.message, Ack) and out.message.seq == 2 and out.addr == ("h", 1)
+
+
+# -- simulated clusters -----------------------------------------------------------------
+
+
+def test_crash_detected_by_all_200_members_under_loss() -> None:
+    net = SimNet(200, seed=7, loss=0.05)
+    net.boot()
+    victim = "n123"
+    net.crashed.add(victim)
+    took = net.run(
+        40 * PERIOD, until=lambda: net.state_of(victim) == {FAULTY}, check_every=PERIOD / 2
+    )
+    print(f"\n200 members, 5% loss: crash known FAULTY everywhere after {took} s")
+    # Bound: ~2 periods until someone probes it and fails, suspicion_min once confirmed
+    # (~3 periods to gather confirmations), then dissemination in O(log N) periods
+    # (log2 200 ~ 8). That is ~16 periods; 40 leaves room for loss and bad luck.
+    assert took is not None and took < 40 * PERIOD
+    assert [e for e in net.faulty_events() if e[2].member.name != victim] == []
+
+
+def test_no_false_positives_over_ten_minutes_with_loss() -> None:
+    net = SimNet(24, seed=11, loss=0.05, dt=0.025)
+    net.boot()
+    net.run(600.0)
+    assert net.faulty_events() == []
+    suspected = {ev.member.name for _, _, ev in net.log if ev.member.state is SUSPECT}
+    # The loss must actually have produced suspicions that were refuted, or this test
+    # proves nothing about refutation.
+    assert suspected
+    assert any(net.nodes[n].incarnation > 0 for n in suspected)
+    assert net.converged(24)
+    assert all(m.state is ALIVE for m in net.nodes["n000"].members.values())
+
+
+def test_partition_heals_into_one_view() -> None:
+    net = SimNet(16, seed=3, loss=0.01)
+    net.boot()
+    left, right = net.names[:8], net.names[8:]
+    net.group = {n: (0 if n in left else 1) for n in net.names}
+    net.run(10.0)
+    assert net.state_of(right[0], left) == {FAULTY}
+    assert net.state_of(left[0], right) == {FAULTY}
+    net.group = {}
+    bound = 2 * CFG.push_pull_interval + 5.0
+    took = net.run(bound, until=lambda: net.converged(16), check_every=0.25)
+    print(f"\npartition of 16 healed into one view after {took} s")
+    assert took is not None and took < bound
+    view = net.nodes["n000"].members
+    assert all(m.state is ALIVE for m in view.values())
+
+
+def test_suspected_live_member_refutes() -> None:
+    net = SimNet(10, seed=5, key=b"cluster-key")  # also runs every packet through the codec
+    net.boot()
+    x, accuser = "n004", "n001"
+    rumor = Rumor(replace(net.nodes[accuser].members[x], state=SUSPECT), "n002")
+    net.send("n002", [Outgoing(net.addr[accuser], Ping(1, "n002", accuser, (rumor,)))])
+    took = net.run(CFG.suspicion_max, until=lambda: net.state_of(x) == {ALIVE}
+                   and {net.nodes[o].members[x].incarnation for o in net.live()} == {1})
+    assert any(ev.member.name == x and ev.member.state is SUSPECT for _, _, ev in net.log)
+    assert took is not None
+    assert net.nodes[x].incarnation == 1
+    assert net.faulty_events() == []
+
+
+def test_graceful_leave_is_never_seen_as_faulty() -> None:
+    net = SimNet(10, seed=9, loss=0.05)
+    net.boot()
+    x = "n006"
+    net.send(x, net.nodes[x].leave(net.now))
+    assert net.run(10.0, until=lambda: net.nodes[x].leave_complete) is not None
+    net.crashed.add(x)  # the process exits
+    net.run(3 * CFG.suspicion_max)
+    assert net.state_of(x) == {LEFT}
+    assert any(ev.member.state is LEAVING and o != x for _, o, ev in net.log)
+    assert net.faulty_events() == []
+    assert x not in [m.name for m in net.nodes["n000"].live_members()]
+
+
+def test_paused_member_learns_it_was_dropped_and_rejoins() -> None:
+    net = SimNet(10, seed=13, loss=0.02)
+    net.boot()
+    x = "n007"
+    before = net.nodes[x].incarnation
+    net.paused.add(x)
+    took = net.run(3 * CFG.suspicion_max, until=lambda: net.state_of(x) == {FAULTY})
+    assert took is not None
+    net.run(2.0)  # stay paused a little longer: its own timers run out too
+    net.paused.clear()
+    back = net.run(10.0, until=lambda: net.state_of(x) == {ALIVE} and net.converged(10))
+    assert back is not None
+    self_faulty = [ev for _, o, ev in net.log if o == x and ev.member.name == x
+                   and ev.member.state is FAULTY]
+    assert len(self_faulty) == 1
+    assert net.nodes[x].rejoined_count == 1
+    assert net.nodes[x].incarnation > before
+    # While cut off it heard nobody, so it must not have declared anyone else dead.
+    assert [e for e in net.faulty_events() if e[2].member.name != x] == []
+
+
+def test_fast_evidence_probe_speeds_detection() -> None:
+    net = SimNet(6, seed=21)
+    net.boot()
+    victim = "n002"
+    net.crashed.add(victim)
+    for name in net.live():
+        net.send(name, net.nodes[name].probe_now(victim, net.now))
+    took = net.run(5.0, until=lambda: net.state_of(victim) == {FAULTY}, check_every=0.02)
+    assert took is not None and took < CFG.suspicion_min + 3 * PERIOD
