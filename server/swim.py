@@ -67,13 +67,19 @@ N, S = Needs.NEWER, Needs.SAME
 # incarnation: faulty/left beat suspect beat alive. LEAVING is "alive, draining": a
 # suspicion at the same incarnation overrides it so a member that dies mid-drain still
 # gets detected; the draining member refutes with a higher incarnation like anyone.
+# fmt: off
+_ROWS: dict[MemberState, dict[MemberState, Needs]] = {
+    # held      {claimed: what its incarnation must be}
+    ALIVE:    {ALIVE: N, SUSPECT: S, FAULTY: S, LEAVING: S, LEFT: S},
+    SUSPECT:  {ALIVE: N, SUSPECT: N, FAULTY: S, LEAVING: N, LEFT: S},
+    LEAVING:  {ALIVE: N, SUSPECT: S, FAULTY: S, LEAVING: N, LEFT: S},
+    FAULTY:   {ALIVE: N, SUSPECT: N, FAULTY: N, LEAVING: N, LEFT: N},
+    LEFT:     {ALIVE: N, SUSPECT: N, FAULTY: N, LEAVING: N, LEFT: N},
+}
+# fmt: on
 _TRANSITIONS: dict[tuple[MemberState, MemberState], Needs] = {
-    (ALIVE, ALIVE): N, (ALIVE, SUSPECT): S, (ALIVE, FAULTY): S, (ALIVE, LEAVING): S, (ALIVE, LEFT): S,
-    (SUSPECT, ALIVE): N, (SUSPECT, SUSPECT): N, (SUSPECT, FAULTY): S, (SUSPECT, LEAVING): N, (SUSPECT, LEFT): S,
-    (LEAVING, ALIVE): N, (LEAVING, SUSPECT): S, (LEAVING, FAULTY): S, (LEAVING, LEAVING): N, (LEAVING, LEFT): S,
-    (FAULTY, ALIVE): N, (FAULTY, SUSPECT): N, (FAULTY, FAULTY): N, (FAULTY, LEAVING): N, (FAULTY, LEFT): N,
-    (LEFT, ALIVE): N, (LEFT, SUSPECT): N, (LEFT, FAULTY): N, (LEFT, LEAVING): N, (LEFT, LEFT): N,
-}  # fmt: skip
+    (held, claim): need for held, row in _ROWS.items() for claim, need in row.items()
+}
 
 
 def _accepts(held: Member, claim: Member) -> bool:
@@ -352,7 +358,9 @@ class Swim:
 
     def _ping(self, member: Member) -> Outgoing:
         seq = self._next_seq()
-        return Outgoing(member.addr, Ping(seq, self.name, member.name, self._piggyback(member.name)))
+        return Outgoing(
+            member.addr, Ping(seq, self.name, member.name, self._piggyback(member.name))
+        )
 
     def _probe_next(self, now: float, out: list[Outgoing]) -> None:
         for _ in range(2):  # at most one reshuffle per call
@@ -364,7 +372,9 @@ class Swim:
                     if not any(p.target == name for p in self._probes.values()):
                         self._start_probe(now, member, out)
                     return
-            self._order = [n for n, m in self._members.items() if n != self.name and m.state in PROBED]
+            self._order = [
+                n for n, m in self._members.items() if n != self.name and m.state in PROBED
+            ]
             self._rng.shuffle(self._order)
             self._order_pos = 0
             if not self._order:
@@ -441,7 +451,8 @@ class Swim:
         self, k: int, *, exclude: Sequence[str], states: set[MemberState]
     ) -> list[Member]:
         pool = [
-            m for m in self._members.values()
+            m
+            for m in self._members.values()
             if m.name != self.name and m.name not in exclude and m.state in states
         ]
         return self._rng.sample(pool, min(k, len(pool)))
@@ -460,7 +471,9 @@ class Swim:
         timeout = cfg.suspicion_min
         if k > 0:
             frac = math.log(len(s.confirmers) + 1) / math.log(k + 1)
-            timeout = max(timeout, cfg.suspicion_max - (cfg.suspicion_max - cfg.suspicion_min) * frac)
+            timeout = max(
+                timeout, cfg.suspicion_max - (cfg.suspicion_max - cfg.suspicion_min) * frac
+            )
         s.deadline = s.start + timeout
 
     def _expire_suspicions(self, now: float) -> None:
@@ -476,7 +489,9 @@ class Swim:
             self._apply(now, Rumor(replace(self._members[name], state=FAULTY), self.name))
 
     def _isolated(self, *, since: float, suspect: str) -> bool:
-        others = [n for n, m in self._members.items() if n not in (self.name, suspect) and m.state in LIVE]
+        others = [
+            n for n, m in self._members.items() if n not in (self.name, suspect) and m.state in LIVE
+        ]
         if not others:
             return False
         return not any(self._heard.get(n, -math.inf) >= since for n in others)
@@ -490,7 +505,9 @@ class Swim:
     def _transmit_limit(self) -> int:
         return self.config.retransmit_mult * max(1, math.ceil(math.log2(len(self._members) + 1)))
 
-    def _piggyback(self, about: str | None = None, *, assert_self: bool = False) -> tuple[Rumor, ...]:
+    def _piggyback(
+        self, about: str | None = None, *, assert_self: bool = False
+    ) -> tuple[Rumor, ...]:
         picked: list[Rumor] = []
         first = self._members.get(about) if about is not None else None
         if first is not None and first.state in (SUSPECT, FAULTY, LEFT):
@@ -535,7 +552,11 @@ class Swim:
                 self._suspect(now, claim.name, rumor.origin)
             return
         if not _accepts(held, claim):
-            if claim.state is SUSPECT and held.state is SUSPECT and claim.incarnation == held.incarnation:
+            if (
+                claim.state is SUSPECT
+                and held.state is SUSPECT
+                and claim.incarnation == held.incarnation
+            ):
                 self._confirm(claim.name, rumor)
             return
         self._store(now, claim, held.state)

@@ -130,18 +130,35 @@ def _rumors_obj(rumors: tuple[Rumor, ...]) -> list[Any]:
 def _to_obj(msg: Message) -> dict[str, Any]:
     match msg:
         case Ping():
-            return {"t": "ping", "q": msg.seq, "s": msg.sender, "g": msg.target,
-                    "r": _rumors_obj(msg.rumors)}
+            return {
+                "t": "ping",
+                "q": msg.seq,
+                "s": msg.sender,
+                "g": msg.target,
+                "r": _rumors_obj(msg.rumors),
+            }
         case Ack():
             return {"t": "ack", "q": msg.seq, "s": msg.sender, "r": _rumors_obj(msg.rumors)}
         case Nack():
             return {"t": "nack", "q": msg.seq, "s": msg.sender}
         case PingReq():
-            return {"t": "pingreq", "q": msg.seq, "s": msg.sender, "g": msg.target,
-                    "a": [msg.target_addr[0], msg.target_addr[1]], "r": _rumors_obj(msg.rumors)}
+            return {
+                "t": "pingreq",
+                "q": msg.seq,
+                "s": msg.sender,
+                "g": msg.target,
+                "a": [msg.target_addr[0], msg.target_addr[1]],
+                "r": _rumors_obj(msg.rumors),
+            }
         case PushPull():
-            return {"t": "pushpull", "s": msg.sender, "a": [msg.sender_addr[0], msg.sender_addr[1]],
-                    "m": [_member_obj(m) for m in msg.members], "y": msg.reply, "j": msg.join}
+            return {
+                "t": "pushpull",
+                "s": msg.sender,
+                "a": [msg.sender_addr[0], msg.sender_addr[1]],
+                "m": [_member_obj(m) for m in msg.members],
+                "y": msg.reply,
+                "j": msg.join,
+            }
     raise TypeError(f"not a gossip message: {type(msg).__name__}")
 
 
@@ -230,12 +247,12 @@ def _from_obj(obj: Any) -> Message:
     if kind == "nack":
         return Nack(_int(obj["q"]), _str(obj["s"]))
     if kind == "pingreq":
-        return PingReq(_int(obj["q"]), _str(obj["s"]), _str(obj["g"]), _addr(obj["a"]),
-                       _rumors(obj["r"]))
+        return PingReq(
+            _int(obj["q"]), _str(obj["s"]), _str(obj["g"]), _addr(obj["a"]), _rumors(obj["r"])
+        )
     if kind == "pushpull":
         members = tuple(_member(m) for m in _list(obj["m"]))
-        return PushPull(_str(obj["s"]), _addr(obj["a"]), members, _bool(obj["y"]),
-                        _bool(obj["j"]))
+        return PushPull(_str(obj["s"]), _addr(obj["a"]), members, _bool(obj["y"]), _bool(obj["j"]))
     raise GossipDecodeError("unknown message type")
 
 

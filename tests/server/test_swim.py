@@ -19,7 +19,7 @@ from server.swim import (
     Swim,
     SwimConfig,
 )
-from server.swim_codec import Ack, Addr, Message, Ping, PushPull, Rumor, decode, encode
+from server.swim_codec import Ack, Message, Ping, PushPull, Rumor, decode, encode
 
 ALIVE, SUSPECT, FAULTY = MemberState.ALIVE, MemberState.SUSPECT, MemberState.FAULTY
 LEAVING, LEFT = MemberState.LEAVING, MemberState.LEFT
@@ -48,8 +48,15 @@ class SimNet:
         self.by_addr = {a: name for name, a in self.addr.items()}
         seeds = [self.addr[name] for name in self.names[:n_seeds]]
         self.nodes = {
-            name: Swim(name, self.addr[name], meta={"role": "node"}, seeds=seeds, config=config,
-                       rng=random.Random(f"{seed}:{name}"), now=0.0)
+            name: Swim(
+                name,
+                self.addr[name],
+                meta={"role": "node"},
+                seeds=seeds,
+                config=config,
+                rng=random.Random(f"{seed}:{name}"),
+                now=0.0,
+            )
             for name in self.names
         }
         self.started: set[str] = set()
@@ -151,7 +158,8 @@ class SimNet:
 
     def faulty_events(self, subject: str | None = None) -> list[tuple[float, str, MemberEvent]]:
         return [
-            (t, obs, ev) for t, obs, ev in self.log
+            (t, obs, ev)
+            for t, obs, ev in self.log
             if ev.member.state is FAULTY and (subject is None or ev.member.name == subject)
         ]
 
@@ -291,8 +299,13 @@ def test_suspected_live_member_refutes() -> None:
     x, accuser = "n004", "n001"
     rumor = Rumor(replace(net.nodes[accuser].members[x], state=SUSPECT), "n002")
     net.send("n002", [Outgoing(net.addr[accuser], Ping(1, "n002", accuser, (rumor,)))])
-    took = net.run(CFG.suspicion_max, until=lambda: net.state_of(x) == {ALIVE}
-                   and {net.nodes[o].members[x].incarnation for o in net.live()} == {1})
+    took = net.run(
+        CFG.suspicion_max,
+        until=lambda: (
+            net.state_of(x) == {ALIVE}
+            and {net.nodes[o].members[x].incarnation for o in net.live()} == {1}
+        ),
+    )
     assert any(ev.member.name == x and ev.member.state is SUSPECT for _, _, ev in net.log)
     assert took is not None
     assert net.nodes[x].incarnation == 1
@@ -325,8 +338,9 @@ def test_paused_member_learns_it_was_dropped_and_rejoins() -> None:
     net.paused.clear()
     back = net.run(10.0, until=lambda: net.state_of(x) == {ALIVE} and net.converged(10))
     assert back is not None
-    self_faulty = [ev for _, o, ev in net.log if o == x and ev.member.name == x
-                   and ev.member.state is FAULTY]
+    self_faulty = [
+        ev for _, o, ev in net.log if o == x and ev.member.name == x and ev.member.state is FAULTY
+    ]
     assert len(self_faulty) == 1
     assert net.nodes[x].rejoined_count == 1
     assert net.nodes[x].incarnation > before
