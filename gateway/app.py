@@ -1,0 +1,400 @@
+"""The gateway: client WebSockets in, one multiplexed link per node out.
+
+Composition root: the ring, the node links, the client sessions and the admin
+routes. After `hello` the gateway never parses a client's JSON: it stamps each
+frame with the session's next sequence number, keeps it for replay, and sends
+its bytes to the owner node; the node's reply bytes go back to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import time
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from gateway.session import Session, SessionState
+from server.admin import admin_routes
+from server.config import ClusterConfig
+from server.errors import CloseCode
+from server.link import Link
+from server.ring import HashRing
+from server.tokens import TokenError, verify
+from server.wire import Frame, Kind
+
+log = logging.getLogger("ringside.gateway")
+
+
+class HelloRefused(Exception):
+    def __init__(self, close: CloseCode, code: str, message: str) -> None:
+        super().__init__(message)
+        self.close = close
+        self.code = code
+        self.message = message
+
+
+class ClientSession:
+    """The asyncio side of one session: its socket, outbound queue and waiters."""
+
+    __slots__ = ("core", "ws", "outbound", "writer", "attached", "space", "close_code")
+
+    def __init__(self, core: Session, ws: ServerConnection, max_outbound: int) -> None:
+        self.core = core
+        self.ws = ws
+        self.outbound: asyncio.Queue[bytes] = asyncio.Queue(max_outbound)
+        self.writer: asyncio.Task[None] | None = None
+        self.attached: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.space = asyncio.Event()
+        self.space.set()
+        self.close_code: CloseCode | None = None
+
+    def push(self, payload: bytes) -> None:
+        try:
+            self.outbound.put_nowait(payload)
+        except asyncio.QueueFull:
+            self.close(CloseCode.TOO_SLOW, "outbound queue full: client is not reading")
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        if self.close_code is None:
+            self.close_code = code
+            asyncio.get_running_loop().create_task(self.ws.close(code, reason))
+
+    async def write_loop(self) -> None:
+        ws = self.ws
+        queue = self.outbound
+        try:
+            while True:
+                await ws.send(await queue.get(), text=True)
+        except ConnectionClosed:
+            pass
+
+
+class GatewayMetrics:
+    def __init__(self, gateway: Gateway) -> None:
+        self.registry = r = CollectorRegistry()
+        self.closes = Counter("ringside_gateway_closes", "Client sockets closed", ["code"], registry=r)
+        self.hellos = Counter("ringside_gateway_hellos", "Hello attempts", ["result"], registry=r)
+        self.replayed = Counter(
+            "ringside_gateway_replayed_requests", "Requests replayed to a new owner", registry=r
+        )
+        Gauge("ringside_gateway_sessions", "Open sessions", registry=r).set_function(
+            lambda: len(gateway.sessions)
+        )
+        Gauge("ringside_gateway_links_up", "Node links connected", registry=r).set_function(
+            lambda: sum(1 for link in gateway.links.values() if link is not None and link.is_open)
+        )
+
+
+class Gateway:
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.settings = config.gateway
+        self.ring = HashRing(config.node_names)
+        self.links: dict[str, Link | None] = dict.fromkeys(config.node_names)
+        self.sessions: dict[int, ClientSession] = {}
+        self.sessions_by_player: dict[str, ClientSession] = {}
+        self._session_prefix = random.getrandbits(24) << 32
+        self._session_counter = 0
+        self.started_at = time.time()
+        self.metrics = GatewayMetrics(self)
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- node links -------------------------------------------------------
+    async def _maintain_link(self, name: str) -> None:
+        address = self.config.node_address(name)
+        loop = asyncio.get_running_loop()
+        base = self.settings.link_retry_base_ms / 1000
+        cap = self.settings.link_retry_cap_ms / 1000
+        attempt = 0
+        while True:
+            try:
+                _, link = await loop.create_connection(
+                    lambda: Link(
+                        self._on_frames,
+                        lambda _link: None,
+                        max_frame=self.config.node.max_link_frame_bytes,
+                        write_buffer=self.config.node.link_write_buffer_bytes,
+                        name=name,
+                    ),
+                    address.host,
+                    address.link_port,
+                )
+            except OSError:
+                attempt += 1
+                await asyncio.sleep(random.uniform(0, min(cap, base * 2**attempt)))
+                continue
+            attempt = 0
+            self.links[name] = link
+            log.info("link up", extra={"node": name})
+            self._on_link_up(name)
+            await link.closed
+            self.links[name] = None
+            log.warning("link down", extra={"node": name})
+            self._on_link_down(name)
+
+    def _on_link_up(self, name: str) -> None:
+        for cs in list(self.sessions.values()):
+            if cs.core.state is SessionState.MOVING and self.ring.owner(cs.core.player) == name:
+                self._reattach(cs)
+
+    def _on_link_down(self, name: str) -> None:
+        now = time.monotonic()
+        for cs in list(self.sessions.values()):
+            core = cs.core
+            if core.node == name and core.state in (SessionState.PINNED, SessionState.ATTACHING):
+                core.moving(now)
+                if not cs.attached.done():
+                    cs.attached.set_exception(ConnectionError(f"node {name} went away"))
+
+    def _reattach(self, cs: ClientSession) -> None:
+        owner = self.ring.owner(cs.core.player)
+        link = self.links.get(owner)
+        if link is None or not link.is_open:
+            return  # picked up by _on_link_up when the owner's link is back
+        cs.core.reattaching(owner)
+        link.send(Kind.ATTACH, cs.core.id, payload=cs.core.player.encode())
+
+    def _on_frames(self, link: Link, frames: list[Frame]) -> None:
+        sessions = self.sessions
+        for frame in frames:
+            cs = sessions.get(frame.session)
+            if cs is None:
+                continue
+            kind = frame.kind
+            core = cs.core
+            if kind is Kind.REPLY:
+                if core.on_reply(frame.seq, frame.aux):
+                    cs.push(frame.payload)
+                if core.has_space:
+                    cs.space.set()
+            elif kind is Kind.DURABLE:
+                core.on_durable(frame.seq)
+                if core.has_space:
+                    cs.space.set()
+            elif kind is Kind.ATTACHED:
+                self._on_attached(cs, link, frame)
+            elif kind is Kind.SESSION_LOST:
+                if core.state is SessionState.PINNED and core.node == link.name:
+                    core.moving(time.monotonic())
+                    self._reattach(cs)
+            elif kind is Kind.ERROR:
+                self._on_attach_error(cs, frame)
+
+    def _on_attached(self, cs: ClientSession, link: Link, frame: Frame) -> None:
+        core = cs.core
+        if core.state is not SessionState.ATTACHING or core.node != link.name:
+            return
+        replay = core.attached(link.name, frame.seq)
+        for seq, payload in replay:
+            link.send(Kind.REQUEST, core.id, seq, 0, payload)
+        if replay:
+            self.metrics.replayed.inc(len(replay))
+        if not cs.attached.done():
+            cs.attached.set_result(None)
+
+    def _on_attach_error(self, cs: ClientSession, frame: Frame) -> None:
+        if not cs.attached.done():
+            try:
+                message = orjson.loads(frame.payload)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = "attach failed"
+            cs.attached.set_exception(HelloRefused(CloseCode.TRY_AGAIN_LATER, "unavailable", message))
+            return
+        # A re-attach failed (the node could not reach Redis): try again shortly.
+        core = cs.core
+        if core.state is SessionState.ATTACHING:
+            core.transition(SessionState.MOVING)
+            asyncio.get_running_loop().call_later(0.2, self._retry_move, cs)
+
+    def _retry_move(self, cs: ClientSession) -> None:
+        if cs.core.state is SessionState.MOVING and self.sessions.get(cs.core.id) is cs:
+            self._reattach(cs)
+
+    async def _watch_moves(self) -> None:
+        timeout = self.settings.move_timeout_s
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            for cs in list(self.sessions.values()):
+                since = cs.core.moving_since
+                if since is not None and now - since > timeout:
+                    cs.close(CloseCode.OWNER_LOST, "the player's node stayed unreachable")
+                elif cs.core.state is SessionState.MOVING:
+                    self._reattach(cs)
+
+    # -- clients ----------------------------------------------------------
+    async def _hello(self, ws: ServerConnection) -> str:
+        try:
+            raw = await asyncio.wait_for(ws.recv(decode=False), self.settings.handshake_timeout_s)
+        except TimeoutError as exc:
+            raise HelloRefused(CloseCode.HANDSHAKE_TIMEOUT, "handshake_timeout", "no hello in time") from exc
+        try:
+            hello = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise HelloRefused(CloseCode.BAD_HELLO, "bad_json", "hello is not valid JSON") from exc
+        if not isinstance(hello, dict) or hello.get("op") != "hello":
+            raise HelloRefused(CloseCode.BAD_HELLO, "bad_hello", 'first frame must be {"op": "hello"}')
+        try:
+            claims = verify(self.config.secret_bytes, hello.get("token"), now=time.time())
+        except TokenError as exc:
+            raise HelloRefused(CloseCode.UNAUTHORIZED, "unauthorized", f"token {exc.reason}") from exc
+        return claims.player
+
+    async def handle(self, ws: ServerConnection) -> None:
+        if len(self.sessions) >= self.settings.max_sessions:
+            self.metrics.closes.labels(str(int(CloseCode.TRY_AGAIN_LATER))).inc()
+            await ws.close(CloseCode.TRY_AGAIN_LATER, "gateway full")
+            return
+        cs: ClientSession | None = None
+        try:
+            player = await self._hello(ws)
+            cs = await self._open_session(ws, player)
+            self.metrics.hellos.labels("ok").inc()
+            await self._serve(cs)
+        except HelloRefused as refused:
+            self.metrics.hellos.labels(refused.code).inc()
+            self.metrics.closes.labels(str(int(refused.close))).inc()
+            frame = {"op": "error", "error": {"code": refused.code, "message": refused.message}}
+            try:
+                await ws.send(orjson.dumps(frame), text=True)
+                await ws.close(refused.close, refused.message[:120])
+            except ConnectionClosed:
+                pass
+        except ConnectionClosed:
+            pass
+        finally:
+            if cs is not None:
+                self._close_session(cs)
+
+    async def _open_session(self, ws: ServerConnection, player: str) -> ClientSession:
+        previous = self.sessions_by_player.get(player)
+        if previous is not None:
+            previous.close(CloseCode.SESSION_REPLACED, "a newer session for this player took over")
+            self._close_session(previous)
+        owner = self.ring.owner(player)
+        self._session_counter += 1
+        core = Session(
+            self._session_prefix | self._session_counter,
+            player,
+            owner,
+            max_replay=self.settings.max_replay,
+        )
+        cs = ClientSession(core, ws, self.settings.max_outbound)
+        self.sessions[core.id] = cs
+        self.sessions_by_player[player] = cs
+        try:
+            link = self.links.get(owner)
+            deadline = time.monotonic() + self.settings.attach_timeout_s
+            while link is None or not link.is_open:
+                if time.monotonic() > deadline:
+                    raise HelloRefused(CloseCode.TRY_AGAIN_LATER, "unavailable", f"node {owner} unreachable")
+                await asyncio.sleep(0.05)
+                link = self.links.get(owner)
+            link.send(Kind.ATTACH, core.id, payload=player.encode())
+            try:
+                await asyncio.wait_for(asyncio.shield(cs.attached), self.settings.attach_timeout_s)
+            except (TimeoutError, ConnectionError) as exc:
+                raise HelloRefused(
+                    CloseCode.TRY_AGAIN_LATER, "unavailable", f"node {owner} did not attach"
+                ) from exc
+        except BaseException:
+            self._close_session(cs)
+            raise
+        welcome = {"op": "welcome", "player": player, "session": f"{core.id:x}"}
+        await ws.send(orjson.dumps(welcome), text=True)
+        cs.writer = asyncio.get_running_loop().create_task(cs.write_loop())
+        return cs
+
+    async def _serve(self, cs: ClientSession) -> None:
+        ws = cs.ws
+        core = cs.core
+        while True:
+            payload = await ws.recv(decode=False)
+            if not core.has_space:
+                cs.space.clear()
+                await cs.space.wait()  # backpressure: stop reading this client
+            if core.state is SessionState.CLOSED:
+                return
+            seq = core.submit(payload)
+            if core.state is SessionState.PINNED:
+                link = self.links.get(core.node)
+                if link is not None:
+                    link.send(Kind.REQUEST, core.id, seq, 0, payload)
+
+    def _close_session(self, cs: ClientSession) -> None:
+        core = cs.core
+        if self.sessions.get(core.id) is not cs:
+            return
+        del self.sessions[core.id]
+        if self.sessions_by_player.get(core.player) is cs:
+            del self.sessions_by_player[core.player]
+        if cs.close_code is not None:
+            self.metrics.closes.labels(str(int(cs.close_code))).inc()
+        link = self.links.get(core.node)
+        if link is not None:
+            link.send(Kind.DETACH, core.id)
+        core.close()
+        cs.space.set()
+        if cs.writer is not None:
+            cs.writer.cancel()
+
+    # -- admin ------------------------------------------------------------
+    def health(self) -> tuple[bool, str]:
+        down = [name for name, link in self.links.items() if link is None or not link.is_open]
+        return (not down, "ok" if not down else f"links down: {down}")
+
+    def status(self) -> dict[str, Any]:
+        states: dict[str, int] = {}
+        for cs in self.sessions.values():
+            states[cs.core.state.value] = states.get(cs.core.state.value, 0) + 1
+        return {
+            "name": "gateway",
+            "role": "gateway",
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "sessions": len(self.sessions),
+            "session_states": states,
+            "links": {n: bool(link and link.is_open) for n, link in self.links.items()},
+            "ring": {n: round(s, 4) for n, s in self.ring.share().items()},
+        }
+
+    # -- lifecycle --------------------------------------------------------
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        for name in self.links:
+            self._tasks.append(loop.create_task(self._maintain_link(name)))
+        self._tasks.append(loop.create_task(self._watch_moves()))
+        routes = admin_routes(
+            status=self.status,
+            health=self.health,
+            registry=self.metrics.registry,
+            websocket_path="/ws",
+        )
+        server = await serve(
+            self.handle,
+            self.settings.host,
+            self.settings.port,
+            process_request=routes,
+            max_size=self.settings.max_frame_bytes,
+            compression=None,
+        )
+        log.info("gateway started", extra={"url": f"ws://{self.settings.host}:{self.settings.port}/ws"})
+        await self._stopping.wait()
+        log.info("gateway stopping", extra={"sessions": len(self.sessions)})
+        server.close(close_connections=False)
+        for cs in list(self.sessions.values()):
+            cs.close(CloseCode.GOING_AWAY, "gateway shutting down")
+        await asyncio.sleep(0.1)
+        server.close()
+        await server.wait_closed()
+        for task in self._tasks:
+            task.cancel()

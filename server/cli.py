@@ -1,0 +1,190 @@
+"""`ringside`: the console script behind the Makefile targets."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+import orjson
+
+from server.cluster import ClusterError, LocalCluster
+from server.config import DEV_SECRET, ConfigError, load_config
+from server.tokens import TokenError, mint
+
+DEFAULT_CONFIG = "configs/local.toml"
+
+
+def _run_async(main: object) -> None:
+    import uvloop
+
+    uvloop.run(main)  # type: ignore[arg-type]
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from server.logs import setup_logging
+    from server.node import Node
+
+    config = load_config(args.config)
+    setup_logging(args.name)
+    _run_async(Node(config, args.name).run())
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from gateway.app import Gateway
+    from server.logs import setup_logging
+
+    config = load_config(args.config)
+    setup_logging("gateway")
+    _run_async(Gateway(config).run())
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if config.secret == DEV_SECRET:
+        print("note: using the development secret from the config", file=sys.stderr)
+    ttl = args.ttl if args.ttl is not None else config.gateway.token_ttl_s
+    expires_at = int(time.time()) + ttl
+    try:
+        for player in args.players:
+            print(mint(config.secret_bytes, player, expires_at=expires_at))
+    except TokenError as exc:
+        print(f"ringside token: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cluster(args: argparse.Namespace) -> LocalCluster:
+    return LocalCluster(load_config(args.config), args.config)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    cluster = _cluster(args)
+    try:
+        cluster.up()
+    except ClusterError as exc:
+        print(f"ringside up: {exc}", file=sys.stderr)
+        cluster.down()
+        return 1
+    return 0
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Foreground: up, print how to connect, and on Ctrl-C bring it all down."""
+    cluster = _cluster(args)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        cluster.up()
+        g = cluster.config.gateway
+        print(f"\nGateway: ws://{g.host}:{g.port}/ws   (admin: http://{g.host}:{g.port}/status)")
+        print("Get a token:  .venv/bin/ringside token alice")
+        print('Then send:    {"op": "hello", "token": "<token>"}')
+        print("Ctrl-C stops the cluster (each node flushes its state first).\n")
+        while True:
+            time.sleep(1)
+            dead = [n for n in cluster.process_names() if cluster.pid(n) is None]
+            if dead:
+                print(f"process(es) exited: {dead} (see {cluster.run_dir}/<name>.log)")
+                while any(cluster.pid(n) is None for n in dead):
+                    time.sleep(1)
+    except ClusterError as exc:
+        print(f"ringside run: {exc}", file=sys.stderr)
+        return_code = 1
+    except KeyboardInterrupt:
+        return_code = 0
+    print("\nstopping...")
+    cluster.down()
+    print("stopped")
+    return return_code
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    _cluster(args).down()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    rows = _cluster(args).status()
+    if args.json:
+        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        return 0 if all(r["healthy"] for r in rows) else 1
+    print(f"{'NAME':<9} {'PID':>7}  {'HEALTH':<9} {'ACTORS':>7} {'SESSIONS':>8} {'DIRTY':>6}  DETAIL")
+    for r in rows:
+        s = r.get("status", {})
+        health = "healthy" if r["healthy"] else ("down" if not r["running"] else "unhealthy")
+        print(
+            f"{r['name']:<9} {r['pid'] or '-':>7}  {health:<9} {s.get('actors', '-'):>7} "
+            f"{s.get('sessions', '-'):>8} {s.get('dirty', '-'):>6}  {r.get('detail', '')}"
+        )
+    return 0 if all(r["healthy"] for r in rows) else 1
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    pid = _cluster(args).kill(args.name)
+    print(f"sent SIGKILL to {args.name} (pid {pid})")
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    print(f"SIGSTOP {args.name} for {args.seconds}s")
+    _cluster(args).pause(args.name, args.seconds)
+    print(f"SIGCONT {args.name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ringside", description=__doc__)
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("RINGSIDE_CONFIG", DEFAULT_CONFIG),
+        help="cluster config (TOML); default %(default)s",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("node", help="run one node in the foreground")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_node)
+    sub.add_parser("gateway", help="run the gateway in the foreground").set_defaults(func=cmd_gateway)
+    p = sub.add_parser("token", help="mint one signed token per player, one per line")
+    p.add_argument("players", nargs="+")
+    p.add_argument("--ttl", type=int, default=None, help="seconds until expiry")
+    p.set_defaults(func=cmd_token)
+    sub.add_parser("up", help="start the local cluster in the background").set_defaults(func=cmd_up)
+    sub.add_parser("run", help="start the local cluster in the foreground").set_defaults(func=cmd_run)
+    sub.add_parser("down", help="stop the local cluster").set_defaults(func=cmd_down)
+    p = sub.add_parser("status", help="every process and whether it is healthy")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("kill", help="SIGKILL one process (failure drill)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_kill)
+    p = sub.add_parser("pause", help="SIGSTOP one process, then SIGCONT (failure drill)")
+    p.add_argument("name")
+    p.add_argument("seconds", type=float)
+    p.set_defaults(func=cmd_pause)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command not in ("node", "gateway") and not os.path.exists(args.config):
+        if args.config != DEFAULT_CONFIG:
+            print(f"ringside: config file not found: {args.config}", file=sys.stderr)
+            return 2
+        args.config = None
+    try:
+        return int(args.func(args))
+    except (ConfigError, ClusterError) as exc:
+        print(f"ringside {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

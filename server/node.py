@@ -1,0 +1,318 @@
+"""A Ringside node: the composition root that wires runtime, persister, links and admin.
+
+Start order: Redis client, write-behind, runtime, link server, admin server,
+flush and passivation loops. Stop order (SIGTERM/SIGINT): stop taking links,
+flush every dirty actor, then close Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from websockets.asyncio.server import serve
+
+from server.admin import admin_routes
+from server.config import ClusterConfig
+from server.errors import RingsideError, Unavailable, error_reply, ok_reply
+from server.link import Link
+from server.persister import Persister
+from server.player import parse_request
+from server.runtime import Activation, ActorRuntime
+from server.store import Store
+from server.wire import Frame, Kind
+from server.writebehind import WriteBehind
+
+log = logging.getLogger("ringside.node")
+
+MUTATING_OPS = frozenset({"player.update"})
+PING_RESULT = {"pong": True}
+
+
+@dataclass(slots=True)
+class NodeSession:
+    id: int
+    actor: str  # "player:<id>"
+    link: Link
+    last_seq: int = 0
+
+
+class NodeMetrics:
+    def __init__(self, node: Node) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "ringside_node_requests", "Client requests handled", ["op", "result"], registry=r
+        )
+        self.request_ok = {
+            op: self.requests.labels(op, "ok") for op in ("ping", "player.get", "player.update")
+        }
+        self.flush_seconds = Histogram(
+            "ringside_node_flush_seconds", "Duration of one pipelined flush", registry=r
+        )
+        gauges: dict[str, tuple[str, Any]] = {
+            "ringside_node_actors": ("Active actors", lambda: len(node.runtime)),
+            "ringside_node_sessions": ("Attached sessions", lambda: len(node.sessions)),
+            "ringside_node_dirty_actors": ("Actors waiting for a flush", lambda: len(node.wb)),
+            "ringside_node_flush_lag_seconds": (
+                "Seconds since the last successful flush while dirty",
+                node.flush_lag,
+            ),
+            "ringside_node_activations_total": ("Activations", lambda: node.runtime.activations_total),
+            "ringside_node_passivations_total": ("Passivations", lambda: node.runtime.passivations_total),
+            "ringside_node_stale_epoch_total": (
+                "Writes refused for a stale epoch",
+                lambda: node.runtime.stale_total,
+            ),
+            "ringside_node_redis_errors_total": ("Failed flushes", lambda: node.persister.redis_errors_total),
+            "ringside_node_states_written_total": (
+                "Actor states written",
+                lambda: node.persister.states_written_total,
+            ),
+        }
+        for name, (doc, fn) in gauges.items():
+            Gauge(name, doc, registry=r).set_function(fn)
+
+
+class Node:
+    def __init__(self, config: ClusterConfig, name: str) -> None:
+        self.config = config
+        self.name = name
+        self.address = config.node_address(name)
+        settings = config.node
+        self.store = Store(config.redis.effective_url)
+        self.wb = WriteBehind(
+            interval=settings.flush_interval_ms / 1000,
+            batch_max=settings.flush_batch_max,
+            max_dirty=settings.max_dirty,
+            retry_base=settings.retry_base_ms / 1000,
+            retry_cap=settings.retry_cap_ms / 1000,
+            rng=random.Random(),
+            now=time.monotonic(),
+        )
+        self.runtime = ActorRuntime(
+            self.store,
+            self.wb,
+            settings,
+            clock=time.monotonic,
+            on_deactivated=self._on_deactivated,
+        )
+        self.persister = Persister(
+            self.store, self.wb, self.runtime, clock=time.monotonic, on_durable=self._report_durable
+        )
+        self.sessions: dict[int, NodeSession] = {}
+        self.sessions_by_actor: dict[str, set[int]] = {}
+        self.links: set[Link] = set()
+        self.started_at = time.time()
+        self.metrics = NodeMetrics(self)
+        self._stopping = asyncio.Event()
+
+    # -- link frames ------------------------------------------------------
+    def _new_link(self) -> Link:
+        link = Link(
+            self._on_frames,
+            self._on_link_lost,
+            max_frame=self.config.node.max_link_frame_bytes,
+            write_buffer=self.config.node.link_write_buffer_bytes,
+        )
+        self.links.add(link)
+        return link
+
+    def _on_link_lost(self, link: Link) -> None:
+        self.links.discard(link)
+        for session in [s for s in self.sessions.values() if s.link is link]:
+            self._detach(session.id)
+
+    def _on_frames(self, link: Link, frames: list[Frame]) -> None:
+        for frame in frames:
+            kind = frame.kind
+            try:
+                if kind is Kind.REQUEST:
+                    self._on_request(link, frame)
+                elif kind is Kind.ATTACH:
+                    self._on_attach(link, frame)
+                elif kind is Kind.DETACH:
+                    self._detach(frame.session)
+                else:
+                    log.warning("unexpected frame from gateway", extra={"kind": kind.name})
+            except Exception:
+                # A bug must cost one request, not the link (a replay would hit it again).
+                log.exception("frame handler failed", extra={"kind": kind.name})
+                if kind is Kind.REQUEST:
+                    error = RingsideError("internal error")
+                    link.send(Kind.REPLY, frame.session, frame.seq, 0, error_reply(None, error))
+
+    def _on_attach(self, link: Link, frame: Frame) -> None:
+        player = frame.payload.decode(errors="replace")
+        actor = f"player:{player}"
+        old = self.sessions.get(frame.session)
+        if old is not None and old.actor != actor:
+            self._detach(frame.session)
+        session = NodeSession(frame.session, actor, link, last_seq=frame.seq)
+        self.sessions[frame.session] = session
+        self.sessions_by_actor.setdefault(actor, set()).add(frame.session)
+
+        def attached(act: Activation) -> None:
+            link.send(Kind.ATTACHED, session.id, act.player.applied_seq, act.flushed_seq)
+
+        def failed(error: RingsideError) -> None:
+            self._detach(session.id)
+            link.send(Kind.ERROR, session.id, payload=error_reply(None, error))
+
+        try:
+            self.runtime.deliver(actor, attached, failed)
+        except RingsideError as exc:
+            failed(exc)
+
+    def _detach(self, session_id: int) -> None:
+        session = self.sessions.pop(session_id, None)
+        if session is not None:
+            peers = self.sessions_by_actor.get(session.actor)
+            if peers is not None:
+                peers.discard(session_id)
+                if not peers:
+                    del self.sessions_by_actor[session.actor]
+
+    def _on_request(self, link: Link, frame: Frame) -> None:
+        session = self.sessions.get(frame.session)
+        if session is None or session.link is not link:
+            link.send(Kind.SESSION_LOST, frame.session, frame.seq)
+            return
+        seq = frame.seq
+        payload = frame.payload
+
+        def work(act: Activation) -> None:
+            link.send(Kind.REPLY, session.id, seq, *self._handle(session, act, seq, payload))
+
+        def failed(error: RingsideError) -> None:
+            request_id = None
+            try:
+                request_id = parse_request(payload).id
+            except RingsideError as exc:
+                request_id = exc.request_id
+            link.send(Kind.REPLY, session.id, seq, 0, error_reply(request_id, error))
+
+        try:
+            self.runtime.deliver(session.actor, work, failed)
+        except RingsideError as exc:
+            failed(exc)
+
+    def _handle(self, session: NodeSession, act: Activation, seq: int, payload: bytes) -> tuple[int, bytes]:
+        """Run one request in the actor's turn; return (durable seq, reply bytes)."""
+        key = act.key
+        player = act.player
+        session.last_seq = seq
+        request_id = None
+        try:
+            request = parse_request(payload)
+            request_id = request.id
+            op = request.op
+            if op == "ping":
+                result: Any = PING_RESULT
+            elif op in MUTATING_OPS and seq <= player.applied_seq:
+                result = player.view()  # a replayed request this actor already applied
+            else:
+                if op in MUTATING_OPS and not self.wb.can_accept(key):
+                    raise Unavailable("state store unreachable and write buffer full; retry later")
+                result, mutated = player.handle(op, request.args, self.config.node, seq=seq)
+                if mutated:
+                    self.wb.mark_dirty(key)
+            reply = ok_reply(request_id, result)
+            counter = self.metrics.request_ok.get(op)
+            if counter is not None:
+                counter.inc()
+        except RingsideError as exc:
+            reply = error_reply(exc.request_id if request_id is None else request_id, exc)
+            self.metrics.requests.labels("error", exc.code).inc()
+        durable = act.flushed_seq if self.wb.is_dirty(key) else seq
+        return durable, reply
+
+    def _report_durable(self, act: Activation) -> None:
+        if self.runtime.actors.get(act.key) is not act:
+            return
+        clean = not self.wb.is_dirty(act.key)
+        for session_id in self.sessions_by_actor.get(act.key, ()):
+            session = self.sessions[session_id]
+            durable = max(session.last_seq, act.flushed_seq) if clean else act.flushed_seq
+            session.link.send(Kind.DURABLE, session_id, durable)
+
+    def _on_deactivated(self, act: Activation, stale: bool) -> None:
+        if not stale:
+            return
+        # Our activation lost its epoch: the sessions must re-attach (to a fresh
+        # activation) and replay what was not durable.
+        for session_id in list(self.sessions_by_actor.get(act.key, ())):
+            session = self.sessions[session_id]
+            session.link.send(Kind.SESSION_LOST, session_id)
+            self._detach(session_id)
+
+    # -- admin ------------------------------------------------------------
+    def flush_lag(self) -> float:
+        return 0.0 if not len(self.wb) else max(0.0, time.monotonic() - self.persister.last_success)
+
+    def health(self) -> tuple[bool, str]:
+        if self.wb.degraded:
+            return False, f"degraded: Redis writes failing, {len(self.wb)} actors waiting"
+        return True, "ok"
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "role": "node",
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "actors": len(self.runtime),
+            "sessions": len(self.sessions),
+            "links": len(self.links),
+            "dirty": len(self.wb),
+            "degraded": self.wb.degraded,
+            "flush_lag_s": round(self.flush_lag(), 3),
+            "flushes": self.persister.flushes_total,
+            "states_written": self.persister.states_written_total,
+            "stale_epoch_refusals": self.runtime.stale_total,
+            "redis_errors": self.persister.redis_errors_total,
+        }
+
+    # -- lifecycle --------------------------------------------------------
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        link_server = await loop.create_server(
+            self._new_link, self.address.host, self.address.link_port, reuse_address=True
+        )
+        routes = admin_routes(status=self.status, health=self.health, registry=self.metrics.registry)
+        admin = await serve(_no_websocket, self.address.host, self.address.admin_port, process_request=routes)
+        background = [
+            loop.create_task(self.persister.run()),
+            loop.create_task(self._passivation_loop()),
+        ]
+        log.info(
+            "node started",
+            extra={"link_port": self.address.link_port, "admin_port": self.address.admin_port},
+        )
+        await self._stopping.wait()
+        log.info("node stopping", extra={"dirty": len(self.wb), "actors": len(self.runtime)})
+        link_server.close()
+        for link in list(self.links):
+            link.close()
+        for task in background:
+            task.cancel()
+        flushed = await self.persister.flush_all(deadline=time.monotonic() + 30)
+        log.info("node stopped", extra={"flushed": flushed, "left_dirty": len(self.wb)})
+        admin.close()
+        await self.store.close()
+
+    async def _passivation_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.runtime.passivate_idle(time.monotonic())
+
+
+async def _no_websocket(connection: Any) -> None:
+    await connection.close(1008, "admin port serves HTTP only")

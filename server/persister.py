@@ -1,0 +1,105 @@
+"""The write-behind adapter: takes batches from WriteBehind, writes snapshots through Store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from server.runtime import Activation, ActorRuntime, ActorState
+from server.store import Store, StoreUnavailable, Write
+from server.writebehind import WriteBehind
+
+log = logging.getLogger("ringside.persister")
+
+
+class Persister:
+    def __init__(
+        self,
+        store: Store,
+        write_behind: WriteBehind,
+        runtime: ActorRuntime,
+        *,
+        clock: Callable[[], float],
+        on_durable: Callable[[Activation], None],
+    ) -> None:
+        self._store = store
+        self._wb = write_behind
+        self._runtime = runtime
+        self._clock = clock
+        self._on_durable = on_durable
+        self.flushes_total = 0
+        self.states_written_total = 0
+        self.redis_errors_total = 0
+        self.last_flush_duration = 0.0
+        self.last_success = clock()
+        self._wake = asyncio.Event()
+
+    def kick(self) -> None:
+        """Flush now instead of at the next period (shutdown, drain)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        interval = self._wb.interval
+        while True:
+            now = self._clock()
+            # Sleep to the next flush; with nothing dirty, a whole interval (or a kick).
+            delay = self._wb.next_flush - now if self._wb.due(self._wb.next_flush) else interval
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), max(delay, 0.001))
+            self._wake.clear()
+            await self.flush_due()
+
+    async def flush_due(self) -> None:
+        while batch := self._wb.take_batch(self._clock()):
+            await self._write(batch)
+
+    async def flush_all(self, *, deadline: float) -> bool:
+        """Write every dirty actor now, retrying until `deadline`. True when nothing is left."""
+        while len(self._wb) and self._clock() < deadline:
+            batch = self._wb.take_batch(max(self._clock(), self._wb.next_flush))
+            if batch:
+                await self._write(batch)
+            else:
+                await asyncio.sleep(0.01)
+        return not len(self._wb)
+
+    async def _write(self, keys: list) -> None:
+        acts: list[Activation] = []
+        writes: list[Write] = []
+        seqs: list[int] = []
+        for key in keys:
+            act = self._runtime.actors.get(key)
+            if act is None or act.state is not ActorState.ACTIVE:
+                self._wb.discard(key)
+                continue
+            acts.append(act)
+            seqs.append(act.player.applied_seq)
+            writes.append(Write(key, act.epoch, act.player.to_blob()))
+        if not writes:
+            return
+        started = time.perf_counter()
+        try:
+            results = await self._store.write_batch(writes)
+        except StoreUnavailable as exc:
+            self.redis_errors_total += 1
+            delay = self._wb.failed([a.key for a in acts], self._clock())
+            log.warning(
+                "flush failed; state kept in memory",
+                extra={"actors": len(acts), "retry_in_s": round(delay, 3), "error": str(exc)},
+            )
+            return
+        self.last_flush_duration = time.perf_counter() - started
+        self.last_success = self._clock()
+        self.flushes_total += 1
+        self._wb.flushed([a.key for a in acts])
+        for act, seq, ok in zip(acts, seqs, results, strict=True):
+            if ok:
+                self.states_written_total += 1
+                act.flushed_seq = max(act.flushed_seq, seq)
+                self._on_durable(act)
+            else:
+                self._runtime.drop_stale(act.key)

@@ -1,0 +1,195 @@
+"""The actor runtime: activation, turn-based delivery, passivation, the activation cap.
+
+Player operations are synchronous memory mutations, so an active actor runs a
+message to completion the moment it is delivered: one message at a time, in
+arrival order. While an actor activates (taking its epoch and loading its
+state from Redis), messages wait in a bounded pending queue and run in order
+when it becomes active.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Callable
+
+from server.config import NodeSettings
+from server.errors import Overloaded, RingsideError, Unavailable
+from server.player import PlayerState
+from server.store import Store, StoreUnavailable
+from server.writebehind import WriteBehind
+
+log = logging.getLogger("ringside.runtime")
+
+
+class ActorState(enum.Enum):
+    ACTIVATING = "activating"
+    ACTIVE = "active"
+    DEACTIVATED = "deactivated"
+
+
+TRANSITIONS: dict[ActorState, frozenset[ActorState]] = {
+    ActorState.ACTIVATING: frozenset({ActorState.ACTIVE, ActorState.DEACTIVATED}),
+    ActorState.ACTIVE: frozenset({ActorState.DEACTIVATED}),
+    ActorState.DEACTIVATED: frozenset(),
+}
+
+Work = Callable[["Activation"], None]
+Fail = Callable[[RingsideError], None]
+
+
+class Activation:
+    __slots__ = ("key", "state", "epoch", "player", "pending", "last_used", "flushed_seq")
+
+    def __init__(self, key: str, now: float) -> None:
+        self.key = key
+        self.state = ActorState.ACTIVATING
+        self.epoch = 0
+        self.player = PlayerState()
+        self.pending: deque[tuple[Work, Fail]] = deque()
+        self.last_used = now
+        self.flushed_seq = 0  # applied_seq of the latest state known to be in Redis
+
+    def transition(self, new: ActorState) -> None:
+        if new not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"actor {self.key}: {self.state.value} -> {new.value} is not allowed")
+        self.state = new
+
+
+class ActorRuntime:
+    def __init__(
+        self,
+        store: Store,
+        write_behind: WriteBehind,
+        settings: NodeSettings,
+        *,
+        clock: Callable[[], float],
+        on_deactivated: Callable[[Activation, bool], None],
+    ) -> None:
+        self._store = store
+        self._wb = write_behind
+        self._settings = settings
+        self._clock = clock
+        self._on_deactivated = on_deactivated  # (activation, stale)
+        self.actors: OrderedDict[str, Activation] = OrderedDict()  # least recently used first
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.activations_total = 0
+        self.passivations_total = 0
+        self.stale_total = 0
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def deliver(self, key: str, work: Work, fail: Fail) -> None:
+        """Run `work` in the actor's turn, activating it first if needed.
+
+        Raises Overloaded when the actor cannot be activated or its queue is full.
+        """
+        act = self.actors.get(key)
+        if act is None:
+            act = self._begin_activation(key)
+        act.last_used = self._clock()
+        if act.state is ActorState.ACTIVE and not act.pending:
+            self.actors.move_to_end(key)
+            work(act)
+            return
+        if len(act.pending) >= self._settings.max_pending_per_actor:
+            raise Overloaded(f"actor {key} has {len(act.pending)} messages waiting")
+        act.pending.append((work, fail))
+
+    def _begin_activation(self, key: str) -> Activation:
+        if len(self.actors) >= self._settings.max_activations:
+            self._evict_one()
+        act = Activation(key, self._clock())
+        self.actors[key] = act
+        task = asyncio.get_running_loop().create_task(self._activate(act))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return act
+
+    def _evict_one(self) -> None:
+        for key, act in self.actors.items():
+            if act.state is ActorState.ACTIVE and not act.pending and not self._wb.is_dirty(key):
+                self._deactivate(act, stale=False)
+                return
+        raise Overloaded(f"{len(self.actors)} actors active and none can passivate yet")
+
+    async def _activate(self, act: Activation) -> None:
+        try:
+            epoch, blob = await asyncio.wait_for(
+                self._store.activate(act.key), self._settings.activation_timeout_s
+            )
+            player = PlayerState.from_blob(blob, default_name=act.key.partition(":")[2])
+        except (StoreUnavailable, TimeoutError) as exc:
+            log.warning("activation failed", extra={"actor": act.key, "error": str(exc)})
+            self._fail_activation(act, Unavailable("the state store is unreachable; try again"))
+            return
+        except Exception as exc:  # a corrupt blob must not leave the actor stuck activating
+            log.exception("activation failed", extra={"actor": act.key})
+            self._fail_activation(act, RingsideError(f"activation failed: {type(exc).__name__}"))
+            return
+        if act.state is not ActorState.ACTIVATING:
+            return
+        act.epoch = epoch
+        act.player = player
+        act.flushed_seq = player.applied_seq
+        act.transition(ActorState.ACTIVE)
+        self.activations_total += 1
+        self.actors.move_to_end(act.key)
+        while act.pending and act.state is ActorState.ACTIVE:
+            work, _ = act.pending.popleft()
+            work(act)
+
+    def _fail_activation(self, act: Activation, error: RingsideError) -> None:
+        if self.actors.get(act.key) is act:
+            del self.actors[act.key]
+        if act.state is ActorState.ACTIVATING:
+            act.transition(ActorState.DEACTIVATED)
+        while act.pending:
+            _, fail = act.pending.popleft()
+            fail(error)
+
+    def drop_stale(self, key: str) -> None:
+        """A write of `key` was refused: a newer activation exists elsewhere. Drop ours unwritten."""
+        act = self.actors.get(key)
+        if act is not None:
+            self.stale_total += 1
+            log.warning("stale epoch; deactivating", extra={"actor": key, "epoch": act.epoch})
+            self._deactivate(act, stale=True)
+
+    def _deactivate(self, act: Activation, *, stale: bool) -> None:
+        if self.actors.get(act.key) is act:
+            del self.actors[act.key]
+        if stale:
+            self._wb.discard(act.key)
+        act.transition(ActorState.DEACTIVATED)
+        error = Unavailable("the actor moved; try again")
+        while act.pending:
+            _, fail = act.pending.popleft()
+            fail(error)
+        self._on_deactivated(act, stale)
+
+    def passivate_idle(self, now: float) -> int:
+        """Deactivate clean actors idle past idle_timeout_s. Dirty ones wait for their flush."""
+        cutoff = now - self._settings.idle_timeout_s
+        idle = [
+            act
+            for act in self.actors.values()
+            if act.state is ActorState.ACTIVE
+            and act.last_used < cutoff
+            and not act.pending
+            and not self._wb.is_dirty(act.key)
+        ]
+        for act in idle:
+            self._deactivate(act, stale=False)
+        self.passivations_total += len(idle)
+        return len(idle)
+
+    def drop_all(self) -> None:
+        """Forget every activation without writing (this node was declared faulty)."""
+        for act in list(self.actors.values()):
+            if act.state is not ActorState.DEACTIVATED:
+                self._wb.discard(act.key)
+                self._deactivate(act, stale=True)

@@ -1,0 +1,102 @@
+"""The only module that talks to Redis: fencing epochs, state loads, fenced writes.
+
+Keys carry a hash tag so a Redis Cluster keeps an actor's keys on one shard:
+``rs:{player:alice}:state`` and ``rs:{player:alice}:epoch``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisError
+
+# Write the state only if the caller's epoch is still the current one (invariant 1).
+CAS_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+class StoreUnavailable(Exception):
+    """Redis did not answer or failed; the caller keeps its state and retries."""
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    key: str  # actor key, e.g. "player:alice"
+    epoch: int
+    blob: bytes
+
+
+def state_key(actor: str) -> str:
+    return f"rs:{{{actor}}}:state"
+
+
+def epoch_key(actor: str) -> str:
+    return f"rs:{{{actor}}}:epoch"
+
+
+class Store:
+    def __init__(self, url: str, *, timeout: float = 2.0) -> None:
+        self._redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
+        )
+        self._cas_sha: str | None = None
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except (RedisError, OSError):
+            return False
+
+    async def activate(self, actor: str) -> tuple[int, bytes | None]:
+        """Take a new fencing epoch and load the state, in one round trip."""
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.incr(epoch_key(actor))
+                pipe.get(state_key(actor))
+                epoch, blob = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return int(epoch), blob
+
+    async def load(self, actor: str) -> bytes | None:
+        try:
+            blob: bytes | None = await self._redis.get(state_key(actor))  # type: ignore[assignment]
+            return blob
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def write_batch(self, writes: Sequence[Write]) -> list[bool]:
+        """Fenced writes in one pipelined round trip; False where the epoch was stale."""
+        if not writes:
+            return []
+        try:
+            if self._cas_sha is None:
+                self._cas_sha = await self._redis.script_load(CAS_SCRIPT)
+            results = await self._run_cas(writes)
+            if any(isinstance(r, NoScriptError) for r in results):
+                # Redis restarted without its script cache: load it again, redo once.
+                self._cas_sha = await self._redis.script_load(CAS_SCRIPT)
+                results = await self._run_cas(writes)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        for result in results:
+            if isinstance(result, Exception):
+                raise StoreUnavailable(str(result))
+        return [r == 1 for r in results]
+
+    async def _run_cas(self, writes: Sequence[Write]) -> list[object]:
+        assert self._cas_sha is not None
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for w in writes:
+                pipe.evalsha(self._cas_sha, 2, epoch_key(w.key), state_key(w.key), w.epoch, w.blob)
+            return list(await pipe.execute(raise_on_error=False))

@@ -1,0 +1,79 @@
+"""Node-link framing: a small binary header in front of opaque payload bytes.
+
+Sans-I/O: `encode()` makes bytes, `FrameDecoder.feed()` turns received bytes into
+frames. The gateway never parses a client's JSON after `hello`; it forwards the
+frame's bytes in a REQUEST and the node's REPLY bytes go back to the client as is.
+
+Layout (network byte order): u32 length of what follows, u8 kind, u64 session,
+u64 seq, u64 aux, then the payload.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+HEADER = struct.Struct("!IBQQQ")
+_BODY_HEADER = HEADER.size - 4
+
+
+class Kind(enum.IntEnum):
+    ATTACH = 1  # gw->node: payload = player id; seq = the gateway's next seq - 1
+    ATTACHED = 2  # node->gw: seq = the actor's applied seq
+    REQUEST = 3  # gw->node: payload = the client's frame
+    REPLY = 4  # node->gw: payload = the frame for the client; aux = durable seq
+    DURABLE = 5  # node->gw: seq = the session's requests up to here are durable
+    DETACH = 6  # gw->node
+    ERROR = 7  # node->gw: attach failed; payload = {"code","message"} JSON
+    SESSION_LOST = 8  # node->gw: this node no longer hosts the session's actor; re-attach
+    PUSH = 9  # node->gw: payload = an event frame for the client
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    kind: Kind
+    session: int
+    seq: int = 0
+    aux: int = 0
+    payload: bytes = b""
+
+
+class FrameError(ValueError):
+    """The peer sent bytes that are not a frame; the link must be closed."""
+
+
+def encode(kind: Kind, session: int, seq: int = 0, aux: int = 0, payload: bytes = b"") -> bytes:
+    return HEADER.pack(_BODY_HEADER + len(payload), kind, session, seq, aux) + payload
+
+
+class FrameDecoder:
+    __slots__ = ("_buffer", "_max_frame")
+
+    def __init__(self, *, max_frame: int = 1 << 20) -> None:
+        self._buffer = bytearray()
+        self._max_frame = max_frame
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Append received bytes; return every complete frame. Raises FrameError."""
+        buf = self._buffer
+        buf += data
+        frames: list[Frame] = []
+        offset = 0
+        size = len(buf)
+        while size - offset >= HEADER.size:
+            length, kind, session, seq, aux = HEADER.unpack_from(buf, offset)
+            if length < _BODY_HEADER or length > self._max_frame:
+                raise FrameError(f"frame length {length} out of bounds")
+            end = offset + 4 + length
+            if end > size:
+                break
+            try:
+                frame_kind = Kind(kind)
+            except ValueError as exc:
+                raise FrameError(f"unknown frame kind {kind}") from exc
+            frames.append(Frame(frame_kind, session, seq, aux, bytes(buf[offset + HEADER.size : end])))
+            offset = end
+        if offset:
+            del buf[:offset]
+        return frames

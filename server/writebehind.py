@@ -1,0 +1,105 @@
+"""Write-behind bookkeeping, sans-I/O: which actors are dirty, when to flush, retry backoff.
+
+The persister adapter asks `take_batch(now)` for keys to write, writes their
+current snapshots, and reports back with `flushed()` or `failed()`. Many
+updates to one actor between flushes coalesce into one write because the
+dirty set holds each key once.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Hashable, Iterable
+
+
+class DirtySetFull(Exception):
+    """The dirty-set bound is reached (Redis is away); refuse the write."""
+
+
+class WriteBehind:
+    def __init__(
+        self,
+        *,
+        interval: float,
+        batch_max: int,
+        max_dirty: int,
+        retry_base: float,
+        retry_cap: float,
+        rng: random.Random,
+        now: float,
+    ) -> None:
+        self.interval = interval
+        self.batch_max = batch_max
+        self.max_dirty = max_dirty
+        self.retry_base = retry_base
+        self.retry_cap = retry_cap
+        self._rng = rng
+        self._dirty: dict[Hashable, None] = {}  # insertion order: oldest first
+        self._in_flight: set[Hashable] = set()
+        self._next_flush = now + interval
+        self._failures = 0  # consecutive failed flushes
+
+    def __len__(self) -> int:
+        """Actors whose latest state is not yet known to be durable."""
+        return len(self._dirty) + len(self._in_flight - self._dirty.keys())
+
+    @property
+    def degraded(self) -> bool:
+        return self._failures > 0
+
+    @property
+    def next_flush(self) -> float:
+        return self._next_flush
+
+    def is_dirty(self, key: Hashable) -> bool:
+        return key in self._dirty or key in self._in_flight
+
+    def can_accept(self, key: Hashable) -> bool:
+        return self.is_dirty(key) or len(self) < self.max_dirty
+
+    def mark_dirty(self, key: Hashable) -> None:
+        if key in self._dirty:
+            return
+        if key not in self._in_flight and len(self) >= self.max_dirty:
+            raise DirtySetFull(f"{len(self)} actors wait for Redis")
+        self._dirty[key] = None
+
+    def due(self, now: float) -> bool:
+        return bool(self._dirty) and now >= self._next_flush
+
+    def take_batch(self, now: float) -> list[Hashable]:
+        """Keys to write now (at most batch_max); empty when nothing is due."""
+        if not self.due(now):
+            return []
+        batch: list[Hashable] = []
+        for key in self._dirty:
+            if key in self._in_flight:
+                continue  # a write of it is under way; it goes in the next batch
+            batch.append(key)
+            if len(batch) >= self.batch_max:
+                break
+        for key in batch:
+            del self._dirty[key]
+            self._in_flight.add(key)
+        if batch and not self._dirty.keys() - self._in_flight:
+            self._next_flush = now + self.interval
+        return batch
+
+    def flushed(self, keys: Iterable[Hashable]) -> None:
+        self._in_flight.difference_update(keys)
+        self._failures = 0
+
+    def failed(self, keys: Iterable[Hashable], now: float) -> float:
+        """The write of `keys` failed; they stay dirty. Returns the retry delay chosen."""
+        for key in keys:
+            self._in_flight.discard(key)
+            self._dirty[key] = None
+        self._failures += 1
+        delay = self._rng.uniform(0, min(self.retry_cap, self.retry_base * 2**self._failures))
+        self._next_flush = now + max(delay, 0.001)
+        return delay
+
+    def discard(self, key: Hashable) -> None:
+        """Forget `key` without writing it (a stale activation)."""
+        self._dirty.pop(key, None)
+        self._in_flight.discard(key)

@@ -1,0 +1,82 @@
+import random
+
+import pytest
+
+from server.writebehind import DirtySetFull, WriteBehind
+
+
+def make(now=0.0, **kw):
+    opts = dict(interval=0.1, batch_max=100, max_dirty=1000, retry_base=0.05, retry_cap=2.0)
+    opts.update(kw)
+    return WriteBehind(rng=random.Random(1), now=now, **opts)
+
+
+def test_many_updates_coalesce_into_one_write_per_actor():
+    wb = make()
+    for i in range(1000):
+        wb.mark_dirty(f"player:{i % 10}")
+    assert wb.take_batch(0.05) == []  # not due yet
+    batch = wb.take_batch(0.1)
+    assert sorted(batch) == sorted(f"player:{i}" for i in range(10))
+    wb.flushed(batch)
+    assert len(wb) == 0
+    assert wb.take_batch(10.0) == []
+
+
+def test_batches_are_bounded_and_drain_in_one_period():
+    wb = make(batch_max=30)
+    for i in range(100):
+        wb.mark_dirty(i)
+    sizes = []
+    while batch := wb.take_batch(0.1):
+        sizes.append(len(batch))
+        wb.flushed(batch)
+    assert sizes == [30, 30, 30, 10]
+
+
+def test_dirty_again_during_flush_is_written_again():
+    wb = make()
+    wb.mark_dirty("a")
+    batch = wb.take_batch(0.1)
+    wb.mark_dirty("a")  # updated while its write is in flight
+    assert wb.take_batch(0.2) == []  # never two writes of one key at once
+    wb.flushed(batch)
+    assert wb.take_batch(0.2) == ["a"]
+
+
+def test_failure_keeps_state_and_backs_off_with_jitter():
+    wb = make()
+    wb.mark_dirty("a")
+    batch = wb.take_batch(0.1)
+    delays = []
+    now = 0.1
+    for _ in range(8):
+        delay = wb.failed(batch, now)
+        delays.append(delay)
+        assert wb.is_dirty("a") and wb.degraded
+        assert wb.take_batch(now) == []  # waits for the backoff
+        now = wb.next_flush
+        batch = wb.take_batch(now)
+        assert batch == ["a"]
+    assert all(0 <= d <= 2.0 for d in delays)
+    assert max(delays) > 0.1  # backoff grows
+    wb.flushed(batch)
+    assert not wb.degraded and len(wb) == 0
+
+
+def test_bound_refuses_new_actors_but_not_dirty_ones():
+    wb = make(max_dirty=2)
+    wb.mark_dirty("a")
+    wb.mark_dirty("b")
+    assert not wb.can_accept("c")
+    with pytest.raises(DirtySetFull):
+        wb.mark_dirty("c")
+    wb.mark_dirty("a")  # already dirty: fine
+    assert wb.can_accept("a")
+
+
+def test_discard_forgets():
+    wb = make()
+    wb.mark_dirty("a")
+    wb.discard("a")
+    assert len(wb) == 0 and wb.take_batch(1.0) == []
