@@ -1,0 +1,145 @@
+"""Bad input gets a documented error frame or close code and never hurts another session."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from gateway.client import RingsideClient
+from server.tokens import mint
+
+
+async def hello_outcome(url: str, first: str | bytes | None) -> tuple[dict | None, int | None]:
+    """Send `first` (or nothing) and return (error frame, close code)."""
+    async with connect(url, compression=None) as ws:
+        if first is not None:
+            await ws.send(first)
+        frame = None
+        try:
+            frame = orjson.loads(await asyncio.wait_for(ws.recv(), 5))
+            await asyncio.wait_for(ws.recv(), 5)
+        except ConnectionClosed:
+            pass
+        return frame, ws.close_code
+
+
+def test_hello_refusals(cluster):
+    expired = mint(cluster.config.secret_bytes, "x", expires_at=int(time.time()) - 1)
+    forged = mint(b"not-the-secret", "x", expires_at=int(time.time()) + 60)
+    cases = [
+        ("not json", "bad_json", 4000),
+        ('{"op": "player.get"}', "bad_hello", 4000),
+        ('{"op": "hello"}', "unauthorized", 4001),
+        (orjson.dumps({"op": "hello", "token": forged}).decode(), "unauthorized", 4001),
+        (orjson.dumps({"op": "hello", "token": expired}).decode(), "unauthorized", 4001),
+        (orjson.dumps({"op": "hello", "token": 42}).decode(), "unauthorized", 4001),
+    ]
+
+    async def main():
+        for first, code, close in cases:
+            frame, close_code = await hello_outcome(cluster.url, first)
+            assert frame is not None and frame["error"]["code"] == code, (first, frame)
+            assert close_code == close, (first, close_code)
+        frame, close_code = await hello_outcome(cluster.url, None)  # says nothing
+        assert frame["error"]["code"] == "handshake_timeout" and close_code == 4002
+
+    asyncio.run(main())
+
+
+def test_request_errors_keep_the_session(cluster):
+    async def main():
+        async with await RingsideClient.connect(cluster.url, cluster.token("bob")) as c:
+            bad = [
+                ("nope", {}, "unknown_op"),
+                ("player.update", {"incr": {"xp": "1"}}, "bad_request"),
+                ("player.update", {"incr": {"gold": 1}}, "bad_request"),
+                ("player.update", {"set": {"name": 7}}, "bad_request"),
+                ("player.update", {"set": {"inventory": ["x"] * 1000}}, "bad_request"),
+                ("player.update", {"nonsense": 1}, "bad_request"),
+                ("player.update", {}, "bad_request"),
+            ]
+            for op, args, code in bad:
+                reply = await c.call(op, args)
+                assert reply["ok"] is False and reply["error"]["code"] == code, (op, args, reply)
+            # A half-valid update changes nothing.
+            reply = await c.call("player.update", {"set": {"name": "ok"}, "incr": {"xp": "bad"}})
+            assert not reply["ok"]
+            state = await c.request("player.get")
+            assert state["name"] == "bob" and state["xp"] == 0
+            await c.send_raw("{not json")
+            await c.send_raw('{"id": 5, "op": 3}')
+            await c.send_raw('{"id": 6, "op": "ping", "args": [], "extra": 1}')
+            assert await c.request("ping") == {"pong": True}
+            assert c.closed_with is None
+
+    asyncio.run(main())
+
+
+def test_oversized_frame_is_closed_with_1009(cluster):
+    async def main():
+        c = await RingsideClient.connect(cluster.url, cluster.token("big"))
+        with pytest.raises(ConnectionError):
+            await c.call("player.update", {"set": {"name": "x" * 10_000}})
+        assert c.ws.close_code == 1009
+        await c.close()
+
+    asyncio.run(main())
+
+
+def test_newer_hello_replaces_the_older_session(cluster):
+    async def main():
+        first = await RingsideClient.connect(cluster.url, cluster.token("carol"))
+        await first.request("player.update", {"incr": {"xp": 1}})
+        second = await RingsideClient.connect(cluster.url, cluster.token("carol"))
+        await first.ws.wait_closed()
+        assert first.ws.close_code == 4003
+        state = await second.request("player.update", {"incr": {"xp": 1}})
+        assert state["xp"] == 2
+        await second.close()
+        await first.close()
+
+    asyncio.run(main())
+
+
+def test_hostile_clients_do_not_disturb_an_honest_one(cluster):
+    acked = 0
+
+    async def honest():
+        nonlocal acked
+        async with await RingsideClient.connect(cluster.url, cluster.token("honest")) as c:
+            for _ in range(300):
+                await c.request("player.update", {"incr": {"xp": 1}})
+                acked += 1
+            assert c.closed_with is None
+
+    async def hostile(i: int):
+        kinds = [b"\x00\xff" * 10, "x" * 9000, "[]", '{"op":"hello","token":"a.b"}']
+        try:
+            async with connect(cluster.url, compression=None, max_size=None) as ws:
+                await ws.send(kinds[i % len(kinds)])
+                await asyncio.wait_for(ws.wait_closed(), 5)
+        except (ConnectionClosed, OSError):
+            pass
+
+    async def hostile_with_session(i: int):
+        async with await RingsideClient.connect(cluster.url, cluster.token(f"h{i}")) as c:
+            for _ in range(50):
+                await c.send_raw("garbage")
+                await c.send_raw('{"id": 1, "op": "player.update", "args": {"incr": {"xp": 1e309}}}')
+            assert await c.request("ping") == {"pong": True}
+
+    async def main():
+        await asyncio.gather(
+            honest(), *(hostile(i) for i in range(80)), *(hostile_with_session(i) for i in range(10))
+        )
+
+    asyncio.run(main())
+    cluster.wait_flushed()
+    assert cluster.stored_state("honest")["xp"] == acked == 300
+    for name in cluster.local.process_names():
+        assert cluster.local.pid(name) is not None, f"{name} died"

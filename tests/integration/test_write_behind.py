@@ -1,0 +1,184 @@
+"""Acknowledged updates reach Redis: concurrent clients, full restart, Redis outage, epoch races."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+
+from gateway.client import RingsideClient
+from server.cluster import http_json
+from server.store import Store, Write
+from server.wire import FrameDecoder, Kind, encode
+
+from tests.integration.conftest import await_until, wait_until
+
+
+async def increment(client: RingsideClient, count: int, acked: dict[str, int]) -> None:
+    for _ in range(count):
+        await client.request("player.update", {"incr": {"xp": 1}})
+        acked[client.player] = acked.get(client.player, 0) + 1
+
+
+def test_hundred_clients_every_acknowledged_increment_lands(cluster):
+    players = [f"p{i}" for i in range(100)]
+    acked: dict[str, int] = {}
+
+    async def main():
+        clients = await asyncio.gather(
+            *(RingsideClient.connect(cluster.url, cluster.token(p)) for p in players)
+        )
+        await asyncio.gather(*(increment(c, 20, acked) for c in clients))
+        for c in clients:
+            assert c.closed_with is None
+        await asyncio.gather(*(c.close() for c in clients))
+
+    asyncio.run(main())
+    cluster.wait_flushed()
+    assert sum(acked.values()) == 2000
+    for p in players:
+        state = cluster.stored_state(p)
+        assert state["xp"] == acked[p], p
+        assert state["applied_seq"] >= acked[p]
+    # The actors really are spread over the nodes by the ring.
+    per_node = {n: cluster.node_status(n)["actors"] for n in cluster.config.node_names}
+    assert all(count > 10 for count in per_node.values()), per_node
+
+
+def test_full_stop_and_start_keeps_state(cluster):
+    async def write():
+        async with await RingsideClient.connect(cluster.url, cluster.token("alice")) as c:
+            await c.request(
+                "player.update",
+                {"set": {"name": "Alice", "inventory": ["sword"], "position": [1, 2, 3]}},
+            )
+            for _ in range(7):
+                await c.request("player.update", {"incr": {"xp": 3}})
+
+    asyncio.run(write())
+    # No wait for a flush: SIGTERM must make each node flush before it exits.
+    cluster.local.down()
+    cluster.local.up()
+
+    async def read():
+        async with await RingsideClient.connect(cluster.url, cluster.token("alice")) as c:
+            return await c.request("player.get")
+
+    state = asyncio.run(read())
+    assert state["xp"] == 21
+    assert state["name"] == "Alice"
+    assert state["inventory"] == ["sword"]
+    assert state["position"] == [1, 2, 3]
+
+
+def test_redis_outage_loses_nothing_acknowledged(cluster):
+    players = [f"r{i}" for i in range(20)]
+    acked: dict[str, int] = {}
+    degraded_seen: list[str] = []
+
+    async def main():
+        clients = await asyncio.gather(
+            *(RingsideClient.connect(cluster.url, cluster.token(p)) for p in players)
+        )
+        stop = asyncio.Event()
+
+        async def hammer(c):
+            while not stop.is_set():
+                await c.request("player.update", {"incr": {"xp": 1}})
+                acked[c.player] = acked.get(c.player, 0) + 1
+
+        tasks = [asyncio.create_task(hammer(c)) for c in clients]
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(cluster.local.stop, "redis")
+        outage_start = sum(acked.values())
+
+        def any_degraded() -> bool:
+            for n in cluster.config.node_names:
+                code, _ = http_json(cluster.local.admin_url(n) + "/healthz")
+                if code == 503:
+                    degraded_seen.append(n)
+            return bool(degraded_seen)
+
+        await await_until(lambda: sum(acked.values()) > outage_start + 200, 10, "serving during outage")
+        await asyncio.to_thread(wait_until, any_degraded, 10, "a node reports degraded health")
+        await asyncio.to_thread(cluster.local.start_redis)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*tasks)
+        for c in clients:
+            assert c.closed_with is None
+        await asyncio.gather(*(c.close() for c in clients))
+
+    asyncio.run(main())
+    cluster.wait_flushed(timeout=20)
+    assert degraded_seen
+    for p in players:
+        assert cluster.stored_state(p)["xp"] == acked[p], p
+
+
+def test_stale_epoch_write_is_refused_in_redis(cluster):
+    async def main():
+        store = Store(cluster.config.redis.effective_url)
+        try:
+            old_epoch, _ = await store.activate("player:race")
+            new_epoch, _ = await store.activate("player:race")
+            assert new_epoch > old_epoch
+            assert await store.write_batch([Write("player:race", new_epoch, b'{"xp": 2}')]) == [True]
+            assert await store.write_batch([Write("player:race", old_epoch, b'{"xp": 1}')]) == [False]
+            assert await store.load("player:race") == b'{"xp": 2}'
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_second_activation_fences_the_first_and_nothing_acknowledged_is_lost(cluster):
+    """Another node activates alice (as a node with a stale view would): the owner's next
+    write is refused, it drops its activation, the gateway re-attaches and replays."""
+    player = "alice"
+    owner = cluster.owner(player)
+    other = next(n for n in cluster.config.node_names if n != owner)
+    acked: dict[str, int] = {}
+
+    async def steal_epoch() -> None:
+        address = cluster.config.node_address(other)
+        reader, writer = await asyncio.open_connection(address.host, address.link_port)
+        writer.write(encode(Kind.ATTACH, 999, payload=player.encode()))
+        decoder = FrameDecoder()
+        frames = []
+        while not frames:
+            frames = decoder.feed(await reader.read(65536))
+        assert frames[0].kind is Kind.ATTACHED
+        writer.close()
+
+    async def main():
+        async with await RingsideClient.connect(cluster.url, cluster.token(player)) as c:
+            await increment(c, 50, acked)
+            await steal_epoch()
+            await increment(c, 200, acked)
+            assert c.closed_with is None
+
+    asyncio.run(main())
+    cluster.wait_flushed()
+    assert cluster.node_status(owner)["stale_epoch_refusals"] >= 1
+    assert cluster.stored_state(player)["xp"] == acked[player] == 250
+
+
+def test_make_token_prints_one_token_per_player(cluster):
+    out = subprocess.run(
+        [".venv/bin/ringside", "--config", str(cluster.config_path), "token", "a", "b", "c"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert len(out) == 3
+    from server.tokens import verify
+
+    assert [verify(cluster.config.secret_bytes, t, now=0).player for t in out] == ["a", "b", "c"]
+
+
+def test_sigkill_of_a_node_is_seen_by_status(cluster):
+    cluster.local.kill("n2")
+    rows = {r["name"]: r for r in cluster.local.status()}
+    assert not rows["n2"]["running"] and rows["n1"]["healthy"]
+    assert signal.SIGKILL  # the drill used SIGKILL, not a graceful stop
