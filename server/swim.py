@@ -358,9 +358,7 @@ class Swim:
 
     def _ping(self, member: Member) -> Outgoing:
         seq = self._next_seq()
-        return Outgoing(
-            member.addr, Ping(seq, self.name, member.name, self._piggyback(member.name))
-        )
+        return Outgoing(member.addr, Ping(seq, self.name, member.name, self._piggyback(member.name)))
 
     def _probe_next(self, now: float, out: list[Outgoing]) -> None:
         for _ in range(2):  # at most one reshuffle per call
@@ -372,9 +370,7 @@ class Swim:
                     if not any(p.target == name for p in self._probes.values()):
                         self._start_probe(now, member, out)
                     return
-            self._order = [
-                n for n, m in self._members.items() if n != self.name and m.state in PROBED
-            ]
+            self._order = [n for n, m in self._members.items() if n != self.name and m.state in PROBED]
             self._rng.shuffle(self._order)
             self._order_pos = 0
             if not self._order:
@@ -447,9 +443,7 @@ class Swim:
                 del self._relays[seq]
                 out.append(Outgoing(relay.requester, Nack(relay.requester_seq, self.name)))
 
-    def _random_peers(
-        self, k: int, *, exclude: Sequence[str], states: set[MemberState]
-    ) -> list[Member]:
+    def _random_peers(self, k: int, *, exclude: Sequence[str], states: set[MemberState]) -> list[Member]:
         pool = [
             m
             for m in self._members.values()
@@ -471,9 +465,7 @@ class Swim:
         timeout = cfg.suspicion_min
         if k > 0:
             frac = math.log(len(s.confirmers) + 1) / math.log(k + 1)
-            timeout = max(
-                timeout, cfg.suspicion_max - (cfg.suspicion_max - cfg.suspicion_min) * frac
-            )
+            timeout = max(timeout, cfg.suspicion_max - (cfg.suspicion_max - cfg.suspicion_min) * frac)
         s.deadline = s.start + timeout
 
     def _expire_suspicions(self, now: float) -> None:
@@ -489,9 +481,7 @@ class Swim:
             self._apply(now, Rumor(replace(self._members[name], state=FAULTY), self.name))
 
     def _isolated(self, *, since: float, suspect: str) -> bool:
-        others = [
-            n for n, m in self._members.items() if n not in (self.name, suspect) and m.state in LIVE
-        ]
+        others = [n for n, m in self._members.items() if n not in (self.name, suspect) and m.state in LIVE]
         if not others:
             return False
         return not any(self._heard.get(n, -math.inf) >= since for n in others)
@@ -505,9 +495,7 @@ class Swim:
     def _transmit_limit(self) -> int:
         return self.config.retransmit_mult * max(1, math.ceil(math.log2(len(self._members) + 1)))
 
-    def _piggyback(
-        self, about: str | None = None, *, assert_self: bool = False
-    ) -> tuple[Rumor, ...]:
+    def _piggyback(self, about: str | None = None, *, assert_self: bool = False) -> tuple[Rumor, ...]:
         picked: list[Rumor] = []
         first = self._members.get(about) if about is not None else None
         if first is not None and first.state in (SUSPECT, FAULTY, LEFT):
@@ -537,7 +525,7 @@ class Swim:
         for rumor in rumors:
             self._apply(now, rumor)
 
-    def _apply(self, now: float, rumor: Rumor) -> None:
+    def _apply(self, now: float, rumor: Rumor, *, confirms: bool = True) -> None:
         claim = rumor.member
         if claim.name == self.name:
             self._refute(rumor)
@@ -553,7 +541,8 @@ class Swim:
             return
         if not _accepts(held, claim):
             if (
-                claim.state is SUSPECT
+                confirms
+                and claim.state is SUSPECT
                 and held.state is SUSPECT
                 and claim.incarnation == held.incarnation
             ):
@@ -648,7 +637,8 @@ class Swim:
                 # A full-state sync never kills directly: the member gets the chance to
                 # refute a suspicion. This is what heals a partition without a cascade.
                 member = replace(member, state=SUSPECT)
-            self._apply(now, Rumor(member, pp.sender))
+            # The sender relays what it holds, it did not probe: no confirmation.
+            self._apply(now, Rumor(member, pp.sender), confirms=False)
 
     def _make_room(self, now: float) -> bool:
         if len(self._members) < self.config.max_members:

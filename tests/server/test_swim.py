@@ -243,6 +243,43 @@ def test_ping_for_another_name_is_not_acked() -> None:
     assert isinstance(out.message, Ack) and out.message.seq == 2 and out.addr == ("h", 1)
 
 
+def _quiet_member(**overrides: float) -> Swim:
+    """A member that does not probe on its own, fed five peers at t=0."""
+    cfg = SwimConfig(protocol_period=1000.0, push_pull_interval=1000.0, pause_threshold=100.0)
+    swim = Swim("me", ("h", 0), meta={}, seeds=[], config=cfg, rng=random.Random(1), now=0.0)
+    swim.start(0.0)
+    peers = tuple(Member(n, ("h", i + 1), 0, ALIVE, {}) for i, n in enumerate("abcdx"))
+    swim.receive(0.0, ("h", 1), PushPull("a", ("h", 1), peers, reply=True))
+    return swim
+
+
+def _suspect_x(origin: str) -> Ack:
+    return Ack(0, origin, (Rumor(Member("x", ("h", 5), 0, SUSPECT, {}), origin),))
+
+
+def test_independent_confirmations_shorten_suspicion() -> None:
+    swim = _quiet_member()
+    swim.receive(1.0, ("h", 1), _suspect_x("a"))
+    for peer in "bcd":  # three more members suspect x on their own
+        swim.receive(1.0, ("h", 2), _suspect_x(peer))
+    swim.tick(1.0 + CFG.suspicion_min + 0.01)
+    assert swim.members["x"].state is FAULTY
+
+
+def test_relayed_suspicion_is_not_a_confirmation() -> None:
+    swim = _quiet_member()
+    swim.receive(1.0, ("h", 1), _suspect_x("a"))
+    suspect_x = Member("x", ("h", 5), 0, SUSPECT, {})
+    for peer in "bcd":  # they only hold a's suspicion and sync it to us
+        table = (*swim.members.values(), suspect_x)
+        swim.receive(1.0, ("h", 2), PushPull(peer, ("h", 2), table, reply=True))
+        swim.receive(1.0, ("h", 2), Ack(0, peer, (Rumor(suspect_x, "a"),)))
+    swim.tick(1.0 + CFG.suspicion_min + 0.01)
+    assert swim.members["x"].state is SUSPECT
+    swim.tick(1.0 + CFG.suspicion_max + 0.01)
+    assert swim.members["x"].state is FAULTY
+
+
 # -- simulated clusters -----------------------------------------------------------------
 
 
@@ -251,9 +288,7 @@ def test_crash_detected_by_all_200_members_under_loss() -> None:
     net.boot()
     victim = "n123"
     net.crashed.add(victim)
-    took = net.run(
-        40 * PERIOD, until=lambda: net.state_of(victim) == {FAULTY}, check_every=PERIOD / 2
-    )
+    took = net.run(40 * PERIOD, until=lambda: net.state_of(victim) == {FAULTY}, check_every=PERIOD / 2)
     print(f"\n200 members, 5% loss: crash known FAULTY everywhere after {took} s")
     # Bound: ~2 periods until someone probes it and fails, suspicion_min once confirmed
     # (~3 periods to gather confirmations), then dissemination in O(log N) periods
@@ -302,8 +337,7 @@ def test_suspected_live_member_refutes() -> None:
     took = net.run(
         CFG.suspicion_max,
         until=lambda: (
-            net.state_of(x) == {ALIVE}
-            and {net.nodes[o].members[x].incarnation for o in net.live()} == {1}
+            net.state_of(x) == {ALIVE} and {net.nodes[o].members[x].incarnation for o in net.live()} == {1}
         ),
     )
     assert any(ev.member.name == x and ev.member.state is SUSPECT for _, _, ev in net.log)
@@ -338,9 +372,7 @@ def test_paused_member_learns_it_was_dropped_and_rejoins() -> None:
     net.paused.clear()
     back = net.run(10.0, until=lambda: net.state_of(x) == {ALIVE} and net.converged(10))
     assert back is not None
-    self_faulty = [
-        ev for _, o, ev in net.log if o == x and ev.member.name == x and ev.member.state is FAULTY
-    ]
+    self_faulty = [ev for _, o, ev in net.log if o == x and ev.member.name == x and ev.member.state is FAULTY]
     assert len(self_faulty) == 1
     assert net.nodes[x].rejoined_count == 1
     assert net.nodes[x].incarnation > before
