@@ -266,9 +266,7 @@ class GossipEndpoint:
         if self._udp is not None and isinstance(reply, PushPull) and reply.reply:
             self._flush(self.swim.receive(self._clock(), out.addr, reply))
 
-    async def _serve_push_pull(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def _serve_push_pull(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._inbound >= self._max_pp or self._swim is None:
             writer.close()
             return
@@ -282,9 +280,7 @@ class GossipEndpoint:
                 peer = writer.get_extra_info("peername")
                 outs = self._swim.receive(self._clock(), (peer[0], peer[1]), msg)
                 replies = [o for o in outs if isinstance(o.message, PushPull) and o.message.reply]
-                self._flush(
-                    [o for o in outs if not (isinstance(o.message, PushPull) and o.message.reply)]
-                )
+                self._flush([o for o in outs if not (isinstance(o.message, PushPull) and o.message.reply)])
                 for reply in replies:
                     await _write_frame(writer, encode(reply.message, self._key))
         except GossipDecodeError:

@@ -247,9 +247,7 @@ def _from_obj(obj: Any) -> Message:
     if kind == "nack":
         return Nack(_int(obj["q"]), _str(obj["s"]))
     if kind == "pingreq":
-        return PingReq(
-            _int(obj["q"]), _str(obj["s"]), _str(obj["g"]), _addr(obj["a"]), _rumors(obj["r"])
-        )
+        return PingReq(_int(obj["q"]), _str(obj["s"]), _str(obj["g"]), _addr(obj["a"]), _rumors(obj["r"]))
     if kind == "pushpull":
         members = tuple(_member(m) for m in _list(obj["m"]))
         return PushPull(_str(obj["s"]), _addr(obj["a"]), members, _bool(obj["y"]), _bool(obj["j"]))

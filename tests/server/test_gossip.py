@@ -26,9 +26,7 @@ async def until(cond: Callable[[], bool], timeout: float, what: str) -> float:
 
 
 async def cluster(n: int, *, key: bytes = KEY) -> list[GossipEndpoint]:
-    first = GossipEndpoint(
-        "g0", "127.0.0.1", 0, key=key, meta={"role": "node"}, rng=random.Random(0)
-    )
+    first = GossipEndpoint("g0", "127.0.0.1", 0, key=key, meta={"role": "node"}, rng=random.Random(0))
     await first.start()
     nodes = [first]
     for i in range(1, n):
@@ -66,9 +64,7 @@ async def _converges_and_detects_a_stopped_member() -> None:
             "survivors mark g3 FAULTY",
         )
         print(f"\nloopback: stopped member FAULTY everywhere after {took:.2f}s")
-        assert all(
-            ep.swim.members[n].state is MemberState.ALIVE for ep in rest for n in ("g0", "g1", "g2")
-        )
+        assert all(ep.swim.members[n].state is MemberState.ALIVE for ep in rest for n in ("g0", "g1", "g2"))
         assert any(ev.member.name == "g3" and ev.member.state is MemberState.FAULTY for ev in seen)
     finally:
         for ep in nodes:
@@ -89,9 +85,7 @@ async def _graceful_leave_and_event_stream() -> None:
         await asyncio.sleep(0)
         assert await nodes[2].leave(timeout=5.0)
         await nodes[0].wait_until(lambda s: s.members["g2"].state is MemberState.LEFT, 3.0)
-        await until(
-            lambda: any(e.member.state is MemberState.LEFT for e in events), 1.0, "LEFT event"
-        )
+        await until(lambda: any(e.member.state is MemberState.LEFT for e in events), 1.0, "LEFT event")
         consumer.cancel()
         assert [e.member.state for e in events if e.member.name == "g2"][-1] is MemberState.LEFT
         assert not any(e.member.state is MemberState.FAULTY for e in events)

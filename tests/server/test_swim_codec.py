@@ -30,14 +30,10 @@ names = st.text(min_size=1, max_size=20)
 addrs = st.tuples(st.sampled_from(["127.0.0.1", "10.0.0.7", "node-a"]), st.integers(0, 65535))
 metas = st.dictionaries(
     st.text(max_size=8),
-    st.one_of(
-        st.integers(-(2**53), 2**53), st.text(max_size=8), st.lists(st.integers(0, 9), max_size=3)
-    ),
+    st.one_of(st.integers(-(2**53), 2**53), st.text(max_size=8), st.lists(st.integers(0, 9), max_size=3)),
     max_size=3,
 )
-members = st.builds(
-    Member, names, addrs, st.integers(0, 2**40), st.sampled_from(MemberState), metas
-)
+members = st.builds(Member, names, addrs, st.integers(0, 2**40), st.sampled_from(MemberState), metas)
 rumors = st.lists(st.builds(Rumor, members, names), max_size=8).map(tuple)
 seqs = st.integers(-(2**31), 2**31)
 messages: st.SearchStrategy[Message] = st.one_of(
@@ -99,9 +95,7 @@ def test_garbage_is_rejected(data: bytes) -> None:
 # still raise only GossipDecodeError, whatever JSON it is handed.
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5),
-    lambda inner: (
-        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=3), inner, max_size=5)
-    ),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=3), inner, max_size=5),
     max_leaves=20,
 )
 
