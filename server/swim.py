@@ -247,6 +247,8 @@ class Swim:
         return h.hexdigest()[:16]
 
     def take_events(self) -> list[MemberEvent]:
+        """Changes since the last call, oldest first. Call after every input: the backlog
+        is bounded (4 x max_members) and the oldest events are dropped beyond it."""
         events = list(self._events)
         self._events.clear()
         return events
@@ -254,11 +256,13 @@ class Swim:
     # -- inputs ---------------------------------------------------------------------------
 
     def start(self, now: float) -> list[Outgoing]:
+        """Join: push-pull with up to three seeds (retried by ``tick`` until a peer answers)."""
         self._emit(self._me, None)
         self._enqueue(Rumor(self._me, self.name))
         return self._join(now)
 
     def tick(self, now: float) -> list[Outgoing]:
+        """Drive timers; call every 10-50 ms and send what it returns."""
         out: list[Outgoing] = []
         gap = now - self._last_tick
         self._last_tick = now
@@ -283,6 +287,8 @@ class Swim:
         return out
 
     def receive(self, now: float, addr: Addr, message: Message) -> list[Outgoing]:
+        """Feed one authenticated message from ``addr`` (replies go there). For a PushPull
+        request the answer is a PushPull with ``reply=True``: write it on that connection."""
         out: list[Outgoing] = []
         sender = message.sender
         if sender != self.name and sender in self._members:
@@ -323,6 +329,8 @@ class Swim:
         return out
 
     def leave(self, now: float) -> list[Outgoing]:
+        """Gossip LEAVING now, LEFT after ``leave_linger``. Keep calling ``tick`` (and
+        answering pings) until ``leave_complete``, then stop."""
         if self._me.state in (LEAVING, LEFT):
             return []
         self._set_self(replace(self._me, incarnation=self._me.incarnation + 1, state=LEAVING))
@@ -331,6 +339,8 @@ class Swim:
         return [self._ping(m) for m in peers]
 
     def probe_now(self, name: str, now: float) -> list[Outgoing]:
+        """Fast evidence (a link to ``name`` broke): probe it at once. A failed probe only
+        makes it SUSPECT; the suspicion timeout still decides."""
         member = self._members.get(name)
         if name == self.name or member is None or member.state not in PROBED:
             return []
