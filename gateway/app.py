@@ -25,6 +25,7 @@ from server.admin import admin_routes
 from server.config import ClusterConfig
 from server.errors import CloseCode
 from server.link import Link
+from server.membership import Membership
 from server.ring import HashRing
 from server.tokens import TokenError, verify
 from server.wire import Frame, Kind
@@ -96,8 +97,16 @@ class Gateway:
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
         self.settings = config.gateway
-        self.ring = HashRing(config.node_names)
-        self.links: dict[str, Link | None] = dict.fromkeys(config.node_names)
+        self.membership = Membership(
+            config,
+            name="gateway",
+            host=self.settings.host,
+            port=self.settings.gossip_port,
+            meta={"role": "gateway"},
+            on_ring_change=self._on_ring_change,
+        )
+        self.links: dict[str, Link | None] = {}
+        self._link_tasks: dict[str, asyncio.Task[None]] = {}
         self.sessions: dict[int, ClientSession] = {}
         self.sessions_by_player: dict[str, ClientSession] = {}
         self._session_prefix = random.getrandbits(24) << 32
@@ -107,14 +116,52 @@ class Gateway:
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
+    @property
+    def ring(self) -> HashRing:
+        return self.membership.ring
+
+    # -- membership -------------------------------------------------------
+    def _on_ring_change(self, ring: HashRing) -> None:
+        loop = asyncio.get_running_loop()
+        for name in ring.members:
+            if name not in self._link_tasks:
+                self.links[name] = None
+                self._link_tasks[name] = loop.create_task(self._maintain_link(name))
+        for name in [n for n in self._link_tasks if n not in ring.members]:
+            self._link_tasks.pop(name).cancel()
+            link = self.links.pop(name, None)
+            if link is not None:
+                link.close()
+        if not ring.members:
+            return
+        now = time.monotonic()
+        moved = 0
+        for cs in list(self.sessions.values()):
+            core = cs.core
+            owner = ring.owner(core.player)
+            if owner == core.node and core.state is not SessionState.MOVING:
+                continue
+            if core.state in (SessionState.PINNED, SessionState.ATTACHING):
+                old = self.links.get(core.node)
+                if old is not None:
+                    old.send(Kind.DETACH, core.id)
+                core.moving(now)
+                moved += 1
+            self._reattach(cs)
+        if moved:
+            log.info("sessions moving after a ring change", extra={"sessions": moved})
+
     # -- node links -------------------------------------------------------
     async def _maintain_link(self, name: str) -> None:
-        address = self.config.node_address(name)
         loop = asyncio.get_running_loop()
         base = self.settings.link_retry_base_ms / 1000
         cap = self.settings.link_retry_cap_ms / 1000
         attempt = 0
         while True:
+            address = self.membership.link_address(name)
+            if address is None:
+                await asyncio.sleep(0.05)
+                continue
             try:
                 _, link = await loop.create_connection(
                     lambda: Link(
@@ -124,8 +171,7 @@ class Gateway:
                         write_buffer=self.config.node.link_write_buffer_bytes,
                         name=name,
                     ),
-                    address.host,
-                    address.link_port,
+                    *address,
                 )
             except OSError:
                 attempt += 1
@@ -135,15 +181,25 @@ class Gateway:
             self.links[name] = link
             log.info("link up", extra={"node": name})
             self._on_link_up(name)
-            await link.closed
-            self.links[name] = None
+            try:
+                await link.closed
+            except asyncio.CancelledError:
+                link.close()
+                raise
+            if self.links.get(name) is link:
+                self.links[name] = None
             log.warning("link down", extra={"node": name})
+            self.membership.probe(name)  # fast evidence; only SWIM declares it faulty
             self._on_link_down(name)
 
     def _on_link_up(self, name: str) -> None:
         for cs in list(self.sessions.values()):
-            if cs.core.state is SessionState.MOVING and self.ring.owner(cs.core.player) == name:
+            if cs.core.state is SessionState.MOVING and self._owner(cs.core.player) == name:
                 self._reattach(cs)
+
+    def _owner(self, player: str) -> str | None:
+        ring = self.membership.ring
+        return ring.owner(player) if ring.members else None
 
     def _on_link_down(self, name: str) -> None:
         now = time.monotonic()
@@ -151,11 +207,11 @@ class Gateway:
             core = cs.core
             if core.node == name and core.state in (SessionState.PINNED, SessionState.ATTACHING):
                 core.moving(now)
-                if not cs.attached.done():
-                    cs.attached.set_exception(ConnectionError(f"node {name} went away"))
 
     def _reattach(self, cs: ClientSession) -> None:
-        owner = self.ring.owner(cs.core.player)
+        owner = self._owner(cs.core.player)
+        if owner is None:
+            return  # no node in the ring: the move watchdog retries, then gives up
         link = self.links.get(owner)
         if link is None or not link.is_open:
             return  # picked up by _on_link_up when the owner's link is back
@@ -166,8 +222,8 @@ class Gateway:
         sessions = self.sessions
         for frame in frames:
             cs = sessions.get(frame.session)
-            if cs is None:
-                continue
+            if cs is None or cs.core.node != link.name:
+                continue  # a node this session has moved away from
             kind = frame.kind
             core = cs.core
             if kind is Kind.REPLY:
@@ -182,7 +238,7 @@ class Gateway:
             elif kind is Kind.ATTACHED:
                 self._on_attached(cs, link, frame)
             elif kind is Kind.SESSION_LOST:
-                if core.state is SessionState.PINNED and core.node == link.name:
+                if core.state is SessionState.PINNED:
                     core.moving(time.monotonic())
                     self._reattach(cs)
             elif kind is Kind.ERROR:
@@ -190,7 +246,7 @@ class Gateway:
 
     def _on_attached(self, cs: ClientSession, link: Link, frame: Frame) -> None:
         core = cs.core
-        if core.state is not SessionState.ATTACHING or core.node != link.name:
+        if core.state is not SessionState.ATTACHING:
             return
         replay = core.attached(link.name, frame.seq)
         for seq, payload in replay:
@@ -279,7 +335,9 @@ class Gateway:
         if previous is not None:
             previous.close(CloseCode.SESSION_REPLACED, "a newer session for this player took over")
             self._close_session(previous)
-        owner = self.ring.owner(player)
+        owner = self._owner(player)
+        if owner is None:
+            raise HelloRefused(CloseCode.TRY_AGAIN_LATER, "unavailable", "no node is up")
         self._session_counter += 1
         core = Session(
             self._session_prefix | self._session_counter,
@@ -291,19 +349,13 @@ class Gateway:
         self.sessions[core.id] = cs
         self.sessions_by_player[player] = cs
         try:
-            link = self.links.get(owner)
-            deadline = time.monotonic() + self.settings.attach_timeout_s
-            while link is None or not link.is_open:
-                if time.monotonic() > deadline:
-                    raise HelloRefused(CloseCode.TRY_AGAIN_LATER, "unavailable", f"node {owner} unreachable")
-                await asyncio.sleep(0.05)
-                link = self.links.get(owner)
-            link.send(Kind.ATTACH, core.id, payload=player.encode())
+            core.moving(time.monotonic())
+            self._reattach(cs)  # now, or as soon as the owner's link is up
             try:
                 await asyncio.wait_for(asyncio.shield(cs.attached), self.settings.attach_timeout_s)
-            except (TimeoutError, ConnectionError) as exc:
+            except TimeoutError as exc:
                 raise HelloRefused(
-                    CloseCode.TRY_AGAIN_LATER, "unavailable", f"node {owner} did not attach"
+                    CloseCode.TRY_AGAIN_LATER, "unavailable", f"node {core.node} did not attach"
                 ) from exc
         except BaseException:
             self._close_session(cs)
@@ -348,7 +400,9 @@ class Gateway:
 
     # -- admin ------------------------------------------------------------
     def health(self) -> tuple[bool, str]:
-        down = [name for name, link in self.links.items() if link is None or not link.is_open]
+        if not self.ring.members:
+            return False, "no node in the ring yet"
+        down = [n for n in self.ring.members if not (link := self.links.get(n)) or not link.is_open]
         return (not down, "ok" if not down else f"links down: {down}")
 
     def status(self) -> dict[str, Any]:
@@ -362,7 +416,7 @@ class Gateway:
             "sessions": len(self.sessions),
             "session_states": states,
             "links": {n: bool(link and link.is_open) for n, link in self.links.items()},
-            "ring": {n: round(s, 4) for n, s in self.ring.share().items()},
+            "membership": self.membership.status(),
         }
 
     # -- lifecycle --------------------------------------------------------
@@ -370,8 +424,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
-        for name in self.links:
-            self._tasks.append(loop.create_task(self._maintain_link(name)))
+        await self.membership.start()
         self._tasks.append(loop.create_task(self._watch_moves()))
         routes = admin_routes(
             status=self.status,
@@ -396,5 +449,6 @@ class Gateway:
         await asyncio.sleep(0.1)
         server.close()
         await server.wait_closed()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._link_tasks.values()]:
             task.cancel()
+        await self.membership.leave(self.settings.leave_timeout_s)

@@ -198,31 +198,36 @@ class LocalCluster:
         )
 
     # -- stop -------------------------------------------------------------
-    def stop(self, name: str, *, timeout: float = 30.0, sig: int = signal.SIGTERM) -> bool:
-        pid = self.pid(name)
-        if pid is None:
-            self.pid_file(name).unlink(missing_ok=True)
-            return False
-        os.kill(pid, sig)
+    def stop(self, *names: str, timeout: float = 30.0, sig: int = signal.SIGTERM) -> list[str]:
+        """Signal every named process at once, wait for all to exit; returns those stopped."""
+        pids = {name: self.pid(name) for name in names}
+        for name, pid in pids.items():
+            if pid is None:
+                self.pid_file(name).unlink(missing_ok=True)
+            else:
+                os.kill(pid, sig)
         deadline = time.monotonic() + timeout
-        while pid_alive(pid):
-            if time.monotonic() > deadline:
-                self.progress(f"  {name} did not stop in {timeout}s; killing it")
-                os.kill(pid, signal.SIGKILL)
-                break
-            time.sleep(0.02)
-        self.pid_file(name).unlink(missing_ok=True)
-        return True
+        for name, pid in pids.items():
+            if pid is None:
+                continue
+            while pid_alive(pid):
+                if time.monotonic() > deadline:
+                    self.progress(f"  {name} did not stop in {timeout}s; killing it")
+                    os.kill(pid, signal.SIGKILL)
+                    break
+                time.sleep(0.02)
+            self.pid_file(name).unlink(missing_ok=True)
+        return [name for name, pid in pids.items() if pid is not None]
 
     def down(self) -> None:
-        # Gateway first (no new requests), then nodes (each flushes), Redis last.
-        if self.stop("gateway"):
-            self.progress("  gateway stopped")
-        for name in self.config.node_names:
-            if self.stop(name):
-                self.progress(f"  {name} stopped (flushed)")
-        if self.config.redis.embedded and self.stop("redis"):
-            self.progress("  redis stopped")
+        # Gateway first (no new requests), then the nodes (each flushes), Redis last.
+        for name in self.stop("gateway"):
+            self.progress(f"  {name} stopped")
+        for name in self.stop(*self.config.node_names):
+            self.progress(f"  {name} stopped (flushed)")
+        if self.config.redis.embedded:
+            for name in self.stop("redis"):
+                self.progress(f"  {name} stopped")
 
     def kill(self, name: str) -> int:
         pid = self.pid(name)

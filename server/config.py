@@ -8,12 +8,15 @@ environment overrides both: `RINGSIDE_<SECTION>_<KEY>` (for example
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from server.swim import SwimConfig
 
 DEV_SECRET = "ringside-development-secret-do-not-use-in-production"
 
@@ -47,6 +50,7 @@ class NodeSettings:
     max_name_len: int = 64
     max_link_frame_bytes: int = 1 << 20  # node-link frame bound
     link_write_buffer_bytes: int = 4 << 20  # pause reading a link while its peer is this far behind
+    leave_timeout_s: float = 0.5  # on stop: gossip `leaving` this long (peers re-route at once)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +68,7 @@ class GatewaySettings:
     link_retry_base_ms: int = 50
     link_retry_cap_ms: int = 1_000
     token_ttl_s: int = 86_400  # default lifetime of tokens minted by `ringside token`
+    leave_timeout_s: float = 0.5  # on stop: gossip `leaving` this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +94,7 @@ class ClusterConfig:
     redis: RedisSettings = field(default_factory=RedisSettings)
     node: NodeSettings = field(default_factory=NodeSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    swim: SwimConfig = field(default_factory=SwimConfig)
     nodes: tuple[NodeAddress, ...] = (
         NodeAddress("n1", link_port=7101, admin_port=7201, gossip_port=7301),
         NodeAddress("n2", link_port=7102, admin_port=7202, gossip_port=7302),
@@ -98,6 +104,14 @@ class ClusterConfig:
     @property
     def secret_bytes(self) -> bytes:
         return self.secret.encode()
+
+    @property
+    def gossip_key(self) -> bytes:
+        return hashlib.sha256(b"ringside-gossip\0" + self.secret_bytes).digest()
+
+    def gossip_seeds(self) -> list[tuple[str, int]]:
+        seeds = [(n.host, n.gossip_port) for n in self.nodes]
+        return seeds + [(self.gateway.host, self.gateway.gossip_port)]
 
     def node_address(self, name: str) -> NodeAddress:
         for node in self.nodes:
@@ -177,5 +191,6 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         redis=redis,
         node=_section(NodeSettings, data.get("node", {}), env, "NODE"),
         gateway=_section(GatewaySettings, data.get("gateway", {}), env, "GATEWAY"),
+        swim=_section(SwimConfig, data.get("swim", {}), env, "SWIM"),
         nodes=nodes,
     )

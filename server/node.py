@@ -22,6 +22,7 @@ from server.admin import admin_routes
 from server.config import ClusterConfig
 from server.errors import RingsideError, Unavailable, error_reply, ok_reply
 from server.link import Link
+from server.membership import Membership
 from server.persister import Persister
 from server.player import parse_request
 from server.runtime import Activation, ActorRuntime
@@ -109,6 +110,18 @@ class Node:
         self.sessions: dict[int, NodeSession] = {}
         self.sessions_by_actor: dict[str, set[int]] = {}
         self.links: set[Link] = set()
+        self.membership = Membership(
+            config,
+            name=name,
+            host=self.address.host,
+            port=self.address.gossip_port,
+            meta={
+                "role": "node",
+                "link": [self.address.host, self.address.link_port],
+                "admin": [self.address.host, self.address.admin_port],
+            },
+            on_self_faulty=self._on_self_faulty,
+        )
         self.started_at = time.time()
         self.metrics = NodeMetrics(self)
         self._stopping = asyncio.Event()
@@ -154,11 +167,13 @@ class Node:
         old = self.sessions.get(frame.session)
         if old is not None and old.actor != actor:
             self._detach(frame.session)
-        session = NodeSession(frame.session, actor, link, last_seq=frame.seq)
+        session = NodeSession(frame.session, actor, link)
         self.sessions[frame.session] = session
-        self.sessions_by_actor.setdefault(actor, set()).add(frame.session)
 
         def attached(act: Activation) -> None:
+            # Joined to the actor only now, so fencing off an older activation
+            # during the attach does not report this session lost.
+            self.sessions_by_actor.setdefault(actor, set()).add(session.id)
             link.send(Kind.ATTACHED, session.id, act.player.applied_seq, act.flushed_seq)
 
         def failed(error: RingsideError) -> None:
@@ -166,7 +181,7 @@ class Node:
             link.send(Kind.ERROR, session.id, payload=error_reply(None, error))
 
         try:
-            self.runtime.deliver(actor, attached, failed)
+            self.runtime.attach(actor, attached, failed)
         except RingsideError as exc:
             failed(exc)
 
@@ -252,6 +267,13 @@ class Node:
             session.link.send(Kind.SESSION_LOST, session_id)
             self._detach(session_id)
 
+    def _on_self_faulty(self) -> None:
+        # The cluster gave our actors to other nodes (we were paused or cut off): our
+        # copies may be stale. Drop them unwritten; the gateway replays what was not durable.
+        dropped = len(self.runtime)
+        self.runtime.drop_all()
+        log.warning("dropped all activations", extra={"actors": dropped})
+
     # -- admin ------------------------------------------------------------
     def flush_lag(self) -> float:
         return 0.0 if not len(self.wb) else max(0.0, time.monotonic() - self.persister.last_success)
@@ -276,6 +298,7 @@ class Node:
             "states_written": self.persister.states_written_total,
             "stale_epoch_refusals": self.runtime.stale_total,
             "redis_errors": self.persister.redis_errors_total,
+            "membership": self.membership.status(),
         }
 
     # -- lifecycle --------------------------------------------------------
@@ -288,6 +311,7 @@ class Node:
         )
         routes = admin_routes(status=self.status, health=self.health, registry=self.metrics.registry)
         admin = await serve(_no_websocket, self.address.host, self.address.admin_port, process_request=routes)
+        await self.membership.start()
         background = [
             loop.create_task(self.persister.run()),
             loop.create_task(self._passivation_loop()),
@@ -304,7 +328,11 @@ class Node:
         for task in background:
             task.cancel()
         flushed = await self.persister.flush_all(deadline=time.monotonic() + 30)
-        log.info("node stopped", extra={"flushed": flushed, "left_dirty": len(self.wb)})
+        left = await self.membership.leave(self.config.node.leave_timeout_s)
+        log.info(
+            "node stopped",
+            extra={"flushed": flushed, "left_dirty": len(self.wb), "leave_gossiped": left},
+        )
         admin.close()
         await self.store.close()
 

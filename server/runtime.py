@@ -13,7 +13,8 @@ import asyncio
 import enum
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from server.config import NodeSettings
 from server.errors import Overloaded, RingsideError, Unavailable
@@ -99,14 +100,51 @@ class ActorRuntime:
             raise Overloaded(f"actor {key} has {len(act.pending)} messages waiting")
         act.pending.append((work, fail))
 
+    def attach(self, key: str, work: Work, fail: Fail) -> None:
+        """Like `deliver`, but first make sure an existing activation still holds the
+        current epoch: a session that moves back to this node must not meet the state
+        it left behind here."""
+        act = self.actors.get(key)
+        if act is None or act.state is not ActorState.ACTIVE:
+            self.deliver(key, work, fail)
+            return
+        act.pending.append((work, fail))
+        if len(act.pending) == 1:  # an active actor with pending work is being revalidated
+            self._spawn(self._revalidate(act))
+
+    async def _revalidate(self, act: Activation) -> None:
+        try:
+            epoch = await asyncio.wait_for(
+                self._store.current_epoch(act.key), self._settings.activation_timeout_s
+            )
+        except (StoreUnavailable, TimeoutError):
+            epoch = act.epoch  # cannot tell; the fenced write still protects the state
+        if act.state is not ActorState.ACTIVE:
+            return
+        if epoch == act.epoch:
+            self._drain(act)
+            return
+        waiting, act.pending = act.pending, deque()
+        self.drop_stale(act.key)
+        fresh = self._begin_activation(act.key)
+        fresh.pending = waiting
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _drain(self, act: Activation) -> None:
+        while act.pending and act.state is ActorState.ACTIVE:
+            work, _ = act.pending.popleft()
+            work(act)
+
     def _begin_activation(self, key: str) -> Activation:
         if len(self.actors) >= self._settings.max_activations:
             self._evict_one()
         act = Activation(key, self._clock())
         self.actors[key] = act
-        task = asyncio.get_running_loop().create_task(self._activate(act))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._activate(act))
         return act
 
     def _evict_one(self) -> None:
@@ -138,9 +176,7 @@ class ActorRuntime:
         act.transition(ActorState.ACTIVE)
         self.activations_total += 1
         self.actors.move_to_end(act.key)
-        while act.pending and act.state is ActorState.ACTIVE:
-            work, _ = act.pending.popleft()
-            work(act)
+        self._drain(act)
 
     def _fail_activation(self, act: Activation, error: RingsideError) -> None:
         if self.actors.get(act.key) is act:

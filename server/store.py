@@ -68,6 +68,13 @@ class Store:
             raise StoreUnavailable(str(exc)) from exc
         return int(epoch), blob
 
+    async def current_epoch(self, actor: str) -> int:
+        try:
+            value = await self._redis.get(epoch_key(actor))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return int(value or 0)
+
     async def load(self, actor: str) -> bytes | None:
         try:
             blob: bytes | None = await self._redis.get(state_key(actor))  # type: ignore[assignment]

@@ -10,7 +10,6 @@ from gateway.client import RingsideClient
 from server.cluster import http_json
 from server.store import Store, Write
 from server.wire import FrameDecoder, Kind, encode
-
 from tests.integration.conftest import await_until, wait_until
 
 

@@ -1,0 +1,116 @@
+"""Gossip membership for a node or the gateway, and the ring it implies.
+
+The ring is a pure function of the live members whose role is "node" (invariant 5):
+every member with the same view computes the same owner for every key.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from server.config import ClusterConfig
+from server.gossip import GossipEndpoint
+from server.ring import HashRing
+from server.swim import Member, MemberEvent, MemberState
+
+log = logging.getLogger("ringside.membership")
+
+RECENT_EVENTS = 50
+
+
+class Membership:
+    def __init__(
+        self,
+        config: ClusterConfig,
+        *,
+        name: str,
+        host: str,
+        port: int,
+        meta: Mapping[str, Any],
+        on_ring_change: Callable[[HashRing], None] = lambda ring: None,
+        on_self_faulty: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.name = name
+        self._on_ring_change = on_ring_change
+        self._on_self_faulty = on_self_faulty
+        own = (host, port)
+        self.endpoint = GossipEndpoint(
+            name,
+            host,
+            port,
+            key=config.gossip_key,
+            seeds=[addr for addr in config.gossip_seeds() if addr != own],
+            meta=meta,
+            config=config.swim,
+            on_event=self._on_event,
+        )
+        self.ring = HashRing([])
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
+        self.self_faulty_total = 0
+
+    async def start(self) -> None:
+        await self.endpoint.start()
+
+    async def leave(self, timeout: float = 3.0) -> bool:
+        return await self.endpoint.leave(timeout)
+
+    async def stop(self) -> None:
+        await self.endpoint.stop()
+
+    def probe(self, name: str) -> None:
+        """A link to `name` broke: ask the protocol to look now (it alone decides faulty)."""
+        if name in self.endpoint.swim.members:
+            self.endpoint.probe_now(name)
+
+    def member(self, name: str) -> Member | None:
+        return self.endpoint.swim.members.get(name)
+
+    def link_address(self, name: str) -> tuple[str, int] | None:
+        member = self.member(name)
+        link = member.meta.get("link") if member is not None else None
+        return (str(link[0]), int(link[1])) if link else None
+
+    def live_nodes(self) -> list[str]:
+        return [m.name for m in self.endpoint.swim.live_members() if m.meta.get("role") == "node"]
+
+    def _on_event(self, event: MemberEvent) -> None:
+        member = event.member
+        previous = event.previous.value if event.previous else None
+        self.recent.append(
+            {"t": round(time.time(), 3), "member": member.name, "from": previous, "to": member.state.value}
+        )
+        log.info(
+            "member changed",
+            extra={
+                "member": member.name,
+                "from": previous,
+                "to": member.state.value,
+                "incarnation": member.incarnation,
+            },
+        )
+        if member.name == self.name and member.state is MemberState.FAULTY and event.previous:
+            self.self_faulty_total += 1
+            log.warning("the cluster declared this member faulty; dropping state and rejoining")
+            self._on_self_faulty()
+        ring = HashRing(self.live_nodes())
+        if ring != self.ring:
+            self.ring = ring
+            log.info("ring changed", extra={"members": list(ring.members)})
+            self._on_ring_change(ring)
+
+    def status(self) -> dict[str, Any]:
+        swim = self.endpoint.swim
+        return {
+            "incarnation": swim.incarnation,
+            "checksum": swim.checksum(),
+            "local_health": swim.local_health,
+            "members": {m.name: m.state.value for m in swim.members.values()},
+            "ring": {n: round(s, 4) for n, s in self.ring.share().items()},
+            "gossip_dropped": self.endpoint.dropped,
+            "self_faulty": self.self_faulty_total,
+            "recent": list(self.recent)[-10:],
+        }
