@@ -51,6 +51,10 @@ class NodeSettings:
     max_link_frame_bytes: int = 1 << 20  # node-link frame bound
     link_write_buffer_bytes: int = 4 << 20  # pause reading a link while its peer is this far behind
     leave_timeout_s: float = 0.5  # on stop: gossip `leaving` this long (peers re-route at once)
+    # A process stalled (SIGSTOP, VM pause) longer than this may have been declared faulty
+    # and had its actors reassigned: it drops them unwritten. Keep it below the fastest
+    # failure detection (ack_timeout + protocol_period + suspicion_min = 0.78 s by default).
+    stall_drop_s: float = 0.7
 
 
 @dataclass(frozen=True, slots=True)

@@ -123,6 +123,7 @@ class Node:
             on_self_faulty=self._on_self_faulty,
         )
         self.started_at = time.time()
+        self.self_faulty_drops = 0
         self.metrics = NodeMetrics(self)
         self._stopping = asyncio.Event()
 
@@ -270,9 +271,24 @@ class Node:
     def _on_self_faulty(self) -> None:
         # The cluster gave our actors to other nodes (we were paused or cut off): our
         # copies may be stale. Drop them unwritten; the gateway replays what was not durable.
+        self.self_faulty_drops += 1
         dropped = len(self.runtime)
         self.runtime.drop_all()
         log.warning("dropped all activations", extra={"actors": dropped})
+
+    async def _stall_watchdog(self) -> None:
+        """SWIM may tell a resumed node only of a suspicion it then refutes, never that it
+        was declared faulty; our own clock tells us we were gone long enough for that."""
+        period = 0.1
+        limit = self.config.node.stall_drop_s
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            if now - last - period > limit:
+                log.warning("process was stalled", extra={"stalled_s": round(now - last - period, 2)})
+                self._on_self_faulty()
+            last = now
 
     # -- admin ------------------------------------------------------------
     def flush_lag(self) -> float:
@@ -298,6 +314,7 @@ class Node:
             "states_written": self.persister.states_written_total,
             "stale_epoch_refusals": self.runtime.stale_total,
             "redis_errors": self.persister.redis_errors_total,
+            "dropped_all_activations": self.self_faulty_drops,
             "membership": self.membership.status(),
         }
 
@@ -315,6 +332,7 @@ class Node:
         background = [
             loop.create_task(self.persister.run()),
             loop.create_task(self._passivation_loop()),
+            loop.create_task(self._stall_watchdog()),
         ]
         log.info(
             "node started",

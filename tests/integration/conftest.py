@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,63 +11,11 @@ import orjson
 import pytest
 import redis
 
+from loadtest.harness import write_config
 from server.cluster import LocalCluster, http_json
 from server.config import load_config
+from server.ring import HashRing
 from server.tokens import mint
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def write_config(directory: Path, *, nodes: int = 3, extra: str = "") -> Path:
-    ports = free_ports(3 + 3 * nodes)
-    lines = [
-        "[cluster]",
-        'secret = "test-secret"',
-        f'run_dir = "{directory / "run"}"',
-        "[redis]",
-        f"port = {ports[0]}",
-        "[gateway]",
-        f"port = {ports[1]}",
-        f"gossip_port = {ports[2]}",
-        "handshake_timeout_s = 1.0",
-        "max_frame_bytes = 4096",
-    ]
-    extra_sections: dict[str, list[str]] = {}
-    section = None
-    for line in extra.strip().splitlines():
-        line = line.strip()
-        if line.startswith("["):
-            section = line
-            extra_sections.setdefault(section, [])
-        elif line and section:
-            extra_sections[section].append(line)
-    if "[gateway]" in extra_sections:
-        lines += extra_sections.pop("[gateway]")
-    for header, body in extra_sections.items():
-        lines += [header, *body]
-    for i in range(nodes):
-        link, admin, gossip = ports[3 + 3 * i : 6 + 3 * i]
-        lines += [
-            "[[nodes]]",
-            f'name = "n{i + 1}"',
-            f"link_port = {link}",
-            f"admin_port = {admin}",
-            f"gossip_port = {gossip}",
-        ]
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "cluster.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 class Cluster:
@@ -103,15 +50,24 @@ class Cluster:
     def wait_flushed(self, timeout: float = 15.0) -> None:
         """Wait until no node holds a dirty actor (every acknowledged write is in Redis)."""
         wait_until(
-            lambda: all(self.node_status(n)["dirty"] == 0 for n in self.config.node_names),
+            lambda: all(self.node_status(n)["dirty"] == 0 for n in self.running_nodes()),
             timeout,
             "nodes still hold dirty actors",
         )
 
-    def owner(self, player: str) -> str:
-        from server.ring import HashRing
+    def running_nodes(self) -> list[str]:
+        return [n for n in self.config.node_names if self.local.pid(n) is not None]
 
-        return HashRing(self.config.node_names).owner(player)
+    def gateway_status(self) -> dict:
+        code, body = http_json(self.local.admin_url("gateway") + "/status")
+        assert code == 200
+        return body
+
+    def stored_xp(self, player: str) -> int:
+        return int(self.stored_state(player).get("xp", 0))
+
+    def owner(self, player: str, members: list[str] | None = None) -> str:
+        return HashRing(members or self.config.node_names).owner(player)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, message: str) -> None:

@@ -1,0 +1,60 @@
+"""Scratch clusters on free loopback ports, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def write_config(directory: Path, *, nodes: int = 3, extra: str = "") -> Path:
+    ports = free_ports(3 + 3 * nodes)
+    lines = [
+        "[cluster]",
+        'secret = "test-secret"',
+        f'run_dir = "{directory / "run"}"',
+        "[redis]",
+        f"port = {ports[0]}",
+        "[gateway]",
+        f"port = {ports[1]}",
+        f"gossip_port = {ports[2]}",
+        "handshake_timeout_s = 1.0",
+        "max_frame_bytes = 4096",
+    ]
+    extra_sections: dict[str, list[str]] = {}
+    section = None
+    for line in extra.strip().splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+            extra_sections.setdefault(section, [])
+        elif line and section:
+            extra_sections[section].append(line)
+    if "[gateway]" in extra_sections:
+        lines += extra_sections.pop("[gateway]")
+    for header, body in extra_sections.items():
+        lines += [header, *body]
+    for i in range(nodes):
+        link, admin, gossip = ports[3 + 3 * i : 6 + 3 * i]
+        lines += [
+            "[[nodes]]",
+            f'name = "n{i + 1}"',
+            f"link_port = {link}",
+            f"admin_port = {admin}",
+            f"gossip_port = {gossip}",
+        ]
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "cluster.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
