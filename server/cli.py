@@ -116,14 +116,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         return 0 if all(r["healthy"] for r in rows) else 1
-    print(f"{'NAME':<9} {'PID':>7}  {'HEALTH':<9} {'ACTORS':>7} {'SESSIONS':>8} {'DIRTY':>6}  DETAIL")
+    print(
+        f"{'NAME':<9} {'PID':>7}  {'HEALTH':<9} {'MEMBER':<8} {'INC':>3} {'CHECKSUM':<10} "
+        f"{'ACTORS':>7} {'SESSIONS':>8} {'DIRTY':>6}  DETAIL"
+    )
     for r in rows:
         s = r.get("status", {})
+        m = s.get("membership", {})
         health = "healthy" if r["healthy"] else ("down" if not r["running"] else "unhealthy")
+        state = m.get("members", {}).get(r["name"], "-")
         print(
-            f"{r['name']:<9} {r['pid'] or '-':>7}  {health:<9} {s.get('actors', '-'):>7} "
-            f"{s.get('sessions', '-'):>8} {s.get('dirty', '-'):>6}  {r.get('detail', '')}"
+            f"{r['name']:<9} {r['pid'] or '-':>7}  {health:<9} {state:<8} {m.get('incarnation', '-'):>3} "
+            f"{m.get('checksum', '-')[:10]:<10} {s.get('actors', '-'):>7} {s.get('sessions', '-'):>8} "
+            f"{s.get('dirty', '-'):>6}  {r.get('detail', '')}"
         )
+    views = {r["status"]["membership"]["checksum"] for r in rows if r.get("status", {}).get("membership")}
+    if len(views) > 1:
+        print(f"membership views differ ({len(views)} checksums): gossip is still converging")
     return 0 if all(r["healthy"] for r in rows) else 1
 
 
