@@ -138,7 +138,7 @@ class Gateway:
         moved = 0
         for cs in list(self.sessions.values()):
             core = cs.core
-            owner = ring.owner(core.player)
+            owner = ring.owner(f"player:{core.player}")
             if owner == core.node and core.state is not SessionState.MOVING:
                 continue
             if core.state in (SessionState.PINNED, SessionState.ATTACHING):
@@ -199,7 +199,7 @@ class Gateway:
 
     def _owner(self, player: str) -> str | None:
         ring = self.membership.ring
-        return ring.owner(player) if ring.members else None
+        return ring.owner(f"player:{player}") if ring.members else None
 
     def _on_link_down(self, name: str) -> None:
         now = time.monotonic()
@@ -231,6 +231,9 @@ class Gateway:
                     cs.push(frame.payload)
                 if core.has_space:
                     cs.space.set()
+            elif kind is Kind.PUSH:
+                if core.on_push(frame.aux, frame.seq):
+                    cs.push(frame.payload)
             elif kind is Kind.DURABLE:
                 core.on_durable(frame.seq)
                 if core.has_space:

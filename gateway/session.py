@@ -45,6 +45,7 @@ class Session:
         "max_replay",
         "moving_since",
         "fresh",
+        "_streams",
     )
 
     def __init__(self, session_id: int, player: str, node: str, *, max_replay: int) -> None:
@@ -59,6 +60,7 @@ class Session:
         self.max_replay = max_replay
         self.moving_since: float | None = None
         self.fresh = True  # never attached yet: take the actor's seq as our base
+        self._streams: dict[int, int] = {}  # push stream (a game) -> last seq delivered
 
     def transition(self, new: SessionState) -> None:
         if new not in TRANSITIONS[self.state]:
@@ -120,6 +122,19 @@ class Session:
         buf = self._buffer
         while buf and buf[0][0] <= done:
             buf.popleft()
+
+    def on_push(self, stream: int, seq: int, max_streams: int = 64) -> bool:
+        """A pushed event; True if the client has not had it (owners may send one twice
+        across a failover). Stream 0 carries notices that are never deduplicated."""
+        if stream == 0:
+            return True
+        last = self._streams.get(stream, 0)
+        if seq <= last:
+            return False
+        if stream not in self._streams and len(self._streams) >= max_streams:
+            del self._streams[next(iter(self._streams))]
+        self._streams[stream] = seq
+        return True
 
     def close(self) -> None:
         if self.state is not SessionState.CLOSED:

@@ -48,6 +48,14 @@ class NodeSettings:
     max_inventory: int = 64  # items in a player's inventory
     max_stats: int = 64  # keys in a player's stats
     max_name_len: int = 64
+    max_games_per_player: int = 8
+    call_timeout_s: float = 5.0  # actor-to-actor call, retries across owner changes included
+    max_hops: int = 3  # forwards of a message for an actor the receiver does not own
+    game_max_players: int = 64
+    game_log_size: int = 256  # recent events a game keeps for players catching up
+    game_max_action_bytes: int = 512
+    game_empty_close_s: float = 60.0
+    game_max_duration_s: float = 3600.0
     max_link_frame_bytes: int = 1 << 20  # node-link frame bound
     link_write_buffer_bytes: int = 4 << 20  # pause reading a link while its peer is this far behind
     leave_timeout_s: float = 0.5  # on stop: gossip `leaving` this long (peers re-route at once)

@@ -21,10 +21,13 @@ from websockets.asyncio.server import serve
 from server.admin import admin_routes
 from server.config import ClusterConfig
 from server.errors import RingsideError, Unavailable, error_reply, ok_reply
+from server.game import GameState
 from server.link import Link
 from server.membership import Membership
+from server.messaging import GAME_OPS, Messaging
+from server.peers import Peers
 from server.persister import Persister
-from server.player import parse_request
+from server.player import PlayerState, Request, parse_request
 from server.runtime import Activation, ActorRuntime
 from server.store import Store
 from server.wire import Frame, Kind
@@ -102,6 +105,8 @@ class Node:
             self.wb,
             settings,
             clock=time.monotonic,
+            load=self._load_actor,
+            on_activated=lambda act: self.messaging.on_activated(act),
             on_deactivated=self._on_deactivated,
         )
         self.persister = Persister(
@@ -121,6 +126,21 @@ class Node:
                 "admin": [self.address.host, self.address.admin_port],
             },
             on_self_faulty=self._on_self_faulty,
+        )
+        self.peers = Peers(
+            address_of=self.membership.link_address,
+            max_frame=settings.max_link_frame_bytes,
+            write_buffer=settings.link_write_buffer_bytes,
+        )
+        self.messaging = Messaging(
+            name=name,
+            settings=settings,
+            membership=self.membership,
+            peers=self.peers,
+            runtime=self.runtime,
+            write_behind=self.wb,
+            persister=self.persister,
+            push=self._push,
         )
         self.started_at = time.time()
         self.self_faulty_drops = 0
@@ -151,6 +171,8 @@ class Node:
                     self._on_request(link, frame)
                 elif kind is Kind.ATTACH:
                     self._on_attach(link, frame)
+                elif kind is Kind.ACTOR_CALL or kind is Kind.ACTOR_SEND:
+                    self.messaging.on_peer_frame(link, frame)
                 elif kind is Kind.DETACH:
                     self._detach(frame.session)
                 else:
@@ -158,9 +180,11 @@ class Node:
             except Exception:
                 # A bug must cost one request, not the link (a replay would hit it again).
                 log.exception("frame handler failed", extra={"kind": kind.name})
+                error = RingsideError("internal error")
                 if kind is Kind.REQUEST:
-                    error = RingsideError("internal error")
                     link.send(Kind.REPLY, frame.session, frame.seq, 0, error_reply(None, error))
+                elif kind is Kind.ACTOR_CALL:
+                    link.send(Kind.ACTOR_REPLY, 0, frame.seq, 0, error_reply(None, error))
 
     def _on_attach(self, link: Link, frame: Frame) -> None:
         player = frame.payload.decode(errors="replace")
@@ -203,8 +227,19 @@ class Node:
         seq = frame.seq
         payload = frame.payload
 
-        def work(act: Activation) -> None:
-            link.send(Kind.REPLY, session.id, seq, *self._handle(session, act, seq, payload))
+        def work(act: Activation) -> Any:
+            session.last_seq = seq
+            try:
+                request = parse_request(payload)
+            except RingsideError as exc:
+                link.send(
+                    Kind.REPLY, session.id, seq, self._durable(act, seq), error_reply(exc.request_id, exc)
+                )
+                return None
+            if request.op in GAME_OPS:
+                return self._game_request(link, session, act, seq, request)
+            link.send(Kind.REPLY, session.id, seq, *self._handle(act, seq, request))
+            return None
 
         def failed(error: RingsideError) -> None:
             request_id = None
@@ -219,16 +254,15 @@ class Node:
         except RingsideError as exc:
             failed(exc)
 
-    def _handle(self, session: NodeSession, act: Activation, seq: int, payload: bytes) -> tuple[int, bytes]:
-        """Run one request in the actor's turn; return (durable seq, reply bytes)."""
+    def _durable(self, act: Activation, seq: int) -> int:
+        return act.flushed_seq if self.wb.is_dirty(act.key) else seq
+
+    def _handle(self, act: Activation, seq: int, request: Request) -> tuple[int, bytes]:
+        """Run one player request in the actor's turn; return (durable seq, reply bytes)."""
         key = act.key
         player = act.player
-        session.last_seq = seq
-        request_id = None
+        op = request.op
         try:
-            request = parse_request(payload)
-            request_id = request.id
-            op = request.op
             if op == "ping":
                 result: Any = PING_RESULT
             elif op in MUTATING_OPS and seq <= player.applied_seq:
@@ -239,15 +273,37 @@ class Node:
                 result, mutated = player.handle(op, request.args, self.config.node, seq=seq)
                 if mutated:
                     self.wb.mark_dirty(key)
-            reply = ok_reply(request_id, result)
+            reply = ok_reply(request.id, result)
             counter = self.metrics.request_ok.get(op)
             if counter is not None:
                 counter.inc()
         except RingsideError as exc:
-            reply = error_reply(exc.request_id if request_id is None else request_id, exc)
+            reply = error_reply(request.id, exc)
             self.metrics.requests.labels("error", exc.code).inc()
-        durable = act.flushed_seq if self.wb.is_dirty(key) else seq
-        return durable, reply
+        return self._durable(act, seq), reply
+
+    async def _game_request(
+        self, link: Link, session: NodeSession, act: Activation, seq: int, request: Request
+    ) -> None:
+        try:
+            result = await self.messaging.game_request(act, seq, request)
+            reply = ok_reply(request.id, result)
+            self.metrics.requests.labels(request.op, "ok").inc()
+        except RingsideError as exc:
+            reply = error_reply(request.id, exc)
+            self.metrics.requests.labels("error", exc.code).inc()
+        link.send(Kind.REPLY, session.id, seq, self._durable(act, seq), reply)
+
+    def _push(self, actor: str, seq: int, stream: int, payload: bytes) -> None:
+        for session_id in self.sessions_by_actor.get(actor, ()):
+            session = self.sessions[session_id]
+            session.link.send(Kind.PUSH, session_id, seq, stream, payload)
+
+    def _load_actor(self, key: str, blob: bytes | None) -> Any:
+        kind, _, ident = key.partition(":")
+        if kind == "game":
+            return GameState.from_blob(blob, ident, self.config.node.game_log_size)
+        return PlayerState.from_blob(blob, default_name=ident)
 
     def _report_durable(self, act: Activation) -> None:
         if self.runtime.actors.get(act.key) is not act:
@@ -343,6 +399,7 @@ class Node:
         link_server.close()
         for link in list(self.links):
             link.close()
+        self.peers.close()
         for task in background:
             task.cancel()
         flushed = await self.persister.flush_all(deadline=time.monotonic() + 30)

@@ -71,14 +71,16 @@ class Persister:
         acts: list[Activation] = []
         writes: list[Write] = []
         seqs: list[int] = []
+        versions: list[int] = []
         for key in keys:
             act = self._runtime.actors.get(key)
             if act is None or act.state is not ActorState.ACTIVE:
                 self._wb.discard(key)
                 continue
             acts.append(act)
-            seqs.append(act.player.applied_seq)
-            writes.append(Write(key, act.epoch, act.player.to_blob()))
+            seqs.append(getattr(act.data, "applied_seq", 0))
+            versions.append(act.version)
+            writes.append(Write(key, act.epoch, act.data.to_blob()))
         if not writes:
             return
         started = time.perf_counter()
@@ -96,10 +98,11 @@ class Persister:
         self.last_success = self._clock()
         self.flushes_total += 1
         self._wb.flushed([a.key for a in acts])
-        for act, seq, ok in zip(acts, seqs, results, strict=True):
+        for act, seq, version, ok in zip(acts, seqs, versions, results, strict=True):
             if ok:
                 self.states_written_total += 1
                 act.flushed_seq = max(act.flushed_seq, seq)
+                act.durable_upto(version, True)
                 self._on_durable(act)
             else:
                 self._runtime.drop_stale(act.key)

@@ -33,7 +33,7 @@ def _check_number(field: str, value: Any) -> float | int:
 
 
 class PlayerState:
-    __slots__ = ("name", "xp", "level", "position", "inventory", "stats", "applied_seq")
+    __slots__ = ("name", "xp", "level", "position", "inventory", "stats", "applied_seq", "games")
 
     def __init__(self, name: str = "") -> None:
         self.name = name
@@ -43,6 +43,7 @@ class PlayerState:
         self.inventory: list[str] = []
         self.stats: dict[str, float | int] = {}
         self.applied_seq = 0
+        self.games: dict[str, int] = {}  # game id -> seq of the last event pushed to the player
 
     # -- persistence ------------------------------------------------------
     def to_blob(self) -> bytes:
@@ -55,6 +56,7 @@ class PlayerState:
                 "inventory": self.inventory,
                 "stats": self.stats,
                 "applied_seq": self.applied_seq,
+                "games": self.games,
             }
         )
 
@@ -70,6 +72,7 @@ class PlayerState:
             state.inventory = data.get("inventory", [])
             state.stats = data.get("stats", {})
             state.applied_seq = data.get("applied_seq", 0)
+            state.games = data.get("games", {})
         return state
 
     def view(self) -> dict[str, Any]:
@@ -81,6 +84,7 @@ class PlayerState:
             "inventory": self.inventory,
             "stats": self.stats,
             "applied_seq": self.applied_seq,
+            "games": sorted(self.games),
         }
 
     # -- operations -------------------------------------------------------

@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
 
 from server.config import NodeSettings
 from server.errors import Overloaded, RingsideError, Unavailable
@@ -37,21 +38,61 @@ TRANSITIONS: dict[ActorState, frozenset[ActorState]] = {
     ActorState.DEACTIVATED: frozenset(),
 }
 
-Work = Callable[["Activation"], None]
+# A turn: runs synchronously; may return an awaitable, and the actor takes no other
+# message until it completes (a call to another actor, say).
+Work = Callable[["Activation"], Awaitable[None] | None]
 Fail = Callable[[RingsideError], None]
+DurableWaiter = Callable[[bool], None]  # True: the state is in Redis; False: fenced off
+
+
+class ActorData(Protocol):
+    def to_blob(self) -> bytes: ...
 
 
 class Activation:
-    __slots__ = ("key", "state", "epoch", "player", "pending", "last_used", "flushed_seq")
+    __slots__ = (
+        "key",
+        "state",
+        "epoch",
+        "data",
+        "pending",
+        "last_used",
+        "flushed_seq",
+        "version",
+        "busy",
+        "waiters",
+        "timer",
+    )
 
     def __init__(self, key: str, now: float) -> None:
         self.key = key
         self.state = ActorState.ACTIVATING
         self.epoch = 0
-        self.player = PlayerState()
+        self.data: Any = None  # PlayerState or GameState
         self.pending: deque[tuple[Work, Fail]] = deque()
         self.last_used = now
-        self.flushed_seq = 0  # applied_seq of the latest state known to be in Redis
+        self.flushed_seq = 0  # the player's applied_seq in the latest state known to be in Redis
+        self.version = 0  # bumped by changes that wait for durability
+        self.busy = False  # a turn awaits something
+        self.waiters: list[tuple[int, DurableWaiter]] = []
+        self.timer: asyncio.TimerHandle | None = None
+
+    @property
+    def player(self) -> PlayerState:
+        data: PlayerState = self.data
+        return data
+
+    def wait_durable(self, waiter: DurableWaiter) -> None:
+        """Call `waiter` once the state as it is now has been written (or refused)."""
+        self.version += 1
+        self.waiters.append((self.version, waiter))
+
+    def durable_upto(self, version: int, ok: bool) -> None:
+        ready = [w for v, w in self.waiters if v <= version]
+        if ready:
+            self.waiters = [(v, w) for v, w in self.waiters if v > version]
+            for waiter in ready:
+                waiter(ok)
 
     def transition(self, new: ActorState) -> None:
         if new not in TRANSITIONS[self.state]:
@@ -67,12 +108,16 @@ class ActorRuntime:
         settings: NodeSettings,
         *,
         clock: Callable[[], float],
+        load: Callable[[str, bytes | None], ActorData],
+        on_activated: Callable[[Activation], None],
         on_deactivated: Callable[[Activation, bool], None],
     ) -> None:
         self._store = store
         self._wb = write_behind
         self._settings = settings
         self._clock = clock
+        self._load = load  # actor key and stored blob -> state object
+        self._on_activated = on_activated
         self._on_deactivated = on_deactivated  # (activation, stale)
         self.actors: OrderedDict[str, Activation] = OrderedDict()  # least recently used first
         self._tasks: set[asyncio.Task[None]] = set()
@@ -92,9 +137,9 @@ class ActorRuntime:
         if act is None:
             act = self._begin_activation(key)
         act.last_used = self._clock()
-        if act.state is ActorState.ACTIVE and not act.pending:
+        if act.state is ActorState.ACTIVE and not act.pending and not act.busy:
             self.actors.move_to_end(key)
-            work(act)
+            self._run(act, work)
             return
         if len(act.pending) >= self._settings.max_pending_per_actor:
             raise Overloaded(f"actor {key} has {len(act.pending)} messages waiting")
@@ -109,7 +154,8 @@ class ActorRuntime:
             self.deliver(key, work, fail)
             return
         act.pending.append((work, fail))
-        if len(act.pending) == 1:  # an active actor with pending work is being revalidated
+        if not act.busy:
+            act.busy = True  # nothing runs until the epoch is checked
             self._spawn(self._revalidate(act))
 
     async def _revalidate(self, act: Activation) -> None:
@@ -121,6 +167,7 @@ class ActorRuntime:
             epoch = act.epoch  # cannot tell; the fenced write still protects the state
         if act.state is not ActorState.ACTIVE:
             return
+        act.busy = False
         if epoch == act.epoch:
             self._drain(act)
             return
@@ -134,10 +181,25 @@ class ActorRuntime:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _run(self, act: Activation, work: Work) -> None:
+        waiting = work(act)
+        if waiting is not None:
+            act.busy = True
+            self._spawn(self._finish_turn(act, waiting))
+
+    async def _finish_turn(self, act: Activation, waiting: Awaitable[None]) -> None:
+        try:
+            await waiting
+        except Exception:
+            log.exception("actor turn failed", extra={"actor": act.key})
+        finally:
+            act.busy = False
+            self._drain(act)
+
     def _drain(self, act: Activation) -> None:
-        while act.pending and act.state is ActorState.ACTIVE:
+        while act.pending and act.state is ActorState.ACTIVE and not act.busy:
             work, _ = act.pending.popleft()
-            work(act)
+            self._run(act, work)
 
     def _begin_activation(self, key: str) -> Activation:
         if len(self.actors) >= self._settings.max_activations:
@@ -149,7 +211,13 @@ class ActorRuntime:
 
     def _evict_one(self) -> None:
         for key, act in self.actors.items():
-            if act.state is ActorState.ACTIVE and not act.pending and not self._wb.is_dirty(key):
+            if (
+                act.state is ActorState.ACTIVE
+                and not act.pending
+                and not act.busy
+                and act.timer is None
+                and not self._wb.is_dirty(key)
+            ):
                 self._deactivate(act, stale=False)
                 return
         raise Overloaded(f"{len(self.actors)} actors active and none can passivate yet")
@@ -159,7 +227,7 @@ class ActorRuntime:
             epoch, blob = await asyncio.wait_for(
                 self._store.activate(act.key), self._settings.activation_timeout_s
             )
-            player = PlayerState.from_blob(blob, default_name=act.key.partition(":")[2])
+            data = self._load(act.key, blob)
         except (StoreUnavailable, TimeoutError) as exc:
             log.warning("activation failed", extra={"actor": act.key, "error": str(exc)})
             self._fail_activation(act, Unavailable("the state store is unreachable; try again"))
@@ -171,11 +239,12 @@ class ActorRuntime:
         if act.state is not ActorState.ACTIVATING:
             return
         act.epoch = epoch
-        act.player = player
-        act.flushed_seq = player.applied_seq
+        act.data = data
+        act.flushed_seq = getattr(data, "applied_seq", 0)
         act.transition(ActorState.ACTIVE)
         self.activations_total += 1
         self.actors.move_to_end(act.key)
+        self._on_activated(act)
         self._drain(act)
 
     def _fail_activation(self, act: Activation, error: RingsideError) -> None:
@@ -201,6 +270,9 @@ class ActorRuntime:
         if stale:
             self._wb.discard(act.key)
         act.transition(ActorState.DEACTIVATED)
+        if act.timer is not None:
+            act.timer.cancel()
+        act.durable_upto(act.version, False)
         error = Unavailable("the actor moved; try again")
         while act.pending:
             _, fail = act.pending.popleft()
@@ -216,12 +288,33 @@ class ActorRuntime:
             if act.state is ActorState.ACTIVE
             and act.last_used < cutoff
             and not act.pending
+            and not act.busy
+            and act.timer is None
             and not self._wb.is_dirty(act.key)
         ]
         for act in idle:
             self._deactivate(act, stale=False)
         self.passivations_total += len(idle)
         return len(idle)
+
+    def set_timer(self, act: Activation, at_wall: float | None, work: Work) -> None:
+        """Run `work` in the actor's turn at wall-clock time `at_wall` (None: no timer)."""
+        if act.timer is not None:
+            act.timer.cancel()
+            act.timer = None
+        if at_wall is None or act.state is not ActorState.ACTIVE:
+            return
+
+        def fire() -> None:
+            act.timer = None
+            if self.actors.get(act.key) is act:
+                try:
+                    self.deliver(act.key, work, lambda error: None)
+                except RingsideError:
+                    log.warning("timer dropped: actor busy", extra={"actor": act.key})
+
+        delay = max(0.0, at_wall - time.time())
+        act.timer = asyncio.get_running_loop().call_later(delay, fire)
 
     def drop_all(self) -> None:
         """Forget every activation without writing (this node was declared faulty)."""

@@ -27,7 +27,10 @@ class Kind(enum.IntEnum):
     DETACH = 6  # gw->node
     ERROR = 7  # node->gw: attach failed; payload = {"code","message"} JSON
     SESSION_LOST = 8  # node->gw: this node no longer hosts the session's actor; re-attach
-    PUSH = 9  # node->gw: payload = an event frame for the client
+    PUSH = 9  # node->gw: payload = an event frame; seq = event seq; aux = hash of its stream
+    ACTOR_CALL = 10  # node->node: seq = correlation id; payload = JSON effect for an actor
+    ACTOR_REPLY = 11  # node->node: seq = correlation id; payload = JSON {"ok", "result"|"error"}
+    ACTOR_SEND = 12  # node->node: one-way JSON effect
 
 
 @dataclass(frozen=True, slots=True)

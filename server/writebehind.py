@@ -38,6 +38,7 @@ class WriteBehind:
         self._in_flight: set[Hashable] = set()
         self._next_flush = now + interval
         self._failures = 0  # consecutive failed flushes
+        self._urgent = False  # someone waits for a write: flush without waiting for the period
 
     def __len__(self) -> int:
         """Actors whose latest state is not yet known to be durable."""
@@ -57,15 +58,17 @@ class WriteBehind:
     def can_accept(self, key: Hashable) -> bool:
         return self.is_dirty(key) or len(self) < self.max_dirty
 
-    def mark_dirty(self, key: Hashable) -> None:
-        if key in self._dirty:
-            return
-        if key not in self._in_flight and len(self) >= self.max_dirty:
-            raise DirtySetFull(f"{len(self)} actors wait for Redis")
-        self._dirty[key] = None
+    def mark_dirty(self, key: Hashable, *, urgent: bool = False) -> None:
+        """Note that `key` changed. `urgent`: a caller waits for this write (group commit)."""
+        if key not in self._dirty:
+            if key not in self._in_flight and len(self) >= self.max_dirty:
+                raise DirtySetFull(f"{len(self)} actors wait for Redis")
+            self._dirty[key] = None
+        if urgent and not self._failures:
+            self._urgent = True
 
     def due(self, now: float) -> bool:
-        return bool(self._dirty) and now >= self._next_flush
+        return bool(self._dirty) and (self._urgent or now >= self._next_flush)
 
     def take_batch(self, now: float) -> list[Hashable]:
         """Keys to write now (at most batch_max); empty when nothing is due."""
@@ -81,6 +84,8 @@ class WriteBehind:
         for key in batch:
             del self._dirty[key]
             self._in_flight.add(key)
+        if batch:
+            self._urgent = False
         if batch and not self._dirty.keys() - self._in_flight:
             self._next_flush = now + self.interval
         return batch

@@ -56,3 +56,18 @@ def test_illegal_transition():
     s = attached()
     with pytest.raises(RuntimeError):
         s.reattaching("n2")  # must be moving first
+
+
+def test_pushes_are_delivered_once_per_stream():
+    s = attached()
+    assert s.on_push(7, 1) and s.on_push(7, 2)
+    assert not s.on_push(7, 2) and not s.on_push(7, 1)  # replayed by a new owner
+    assert s.on_push(8, 1)  # another game
+    assert s.on_push(0, 0) and s.on_push(0, 0)  # notices are not deduplicated
+
+
+def test_push_streams_are_bounded():
+    s = attached()
+    for stream in range(1, 100):
+        s.on_push(stream, 1, max_streams=10)
+    assert len(s._streams) == 10

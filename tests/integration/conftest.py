@@ -67,7 +67,7 @@ class Cluster:
         return int(self.stored_state(player).get("xp", 0))
 
     def owner(self, player: str, members: list[str] | None = None) -> str:
-        return HashRing(members or self.config.node_names).owner(player)
+        return HashRing(members or self.config.node_names).owner(f"player:{player}")
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, message: str) -> None:

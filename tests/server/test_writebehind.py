@@ -80,3 +80,18 @@ def test_discard_forgets():
     wb.mark_dirty("a")
     wb.discard("a")
     assert len(wb) == 0 and wb.take_batch(1.0) == []
+
+
+def test_urgent_write_does_not_wait_for_the_period():
+    wb = make()
+    wb.mark_dirty("game:g1", urgent=True)
+    assert wb.take_batch(0.0) == ["game:g1"]  # group commit: now, not at 0.1
+
+
+def test_urgent_write_still_backs_off_while_redis_fails():
+    wb = make()
+    wb.mark_dirty("a")
+    batch = wb.take_batch(0.1)
+    wb.failed(batch, 0.1)
+    wb.mark_dirty("b", urgent=True)
+    assert wb.take_batch(0.1) == []

@@ -1,0 +1,401 @@
+"""Actor-to-actor messaging and the game flows built on it.
+
+- `call(key, op, ...)` reaches the actor `key` wherever the ring puts it: locally, or
+  over a peer link; it retries across owner changes until `call_timeout_s`.
+- A node that receives a message for an actor it does not own forwards it to the
+  owner in its view (at most `max_hops` times).
+- Game effects are group-committed: the game replies and pushes its events only once
+  its new state is in Redis, so an event a client saw can never be renumbered by a
+  failover. Effects carry `(sender, seq)`; the game skips what it already applied.
+- Player actors push game events to their sessions in `seq` order and fill a gap
+  (a lost push, a failover) from the game's log before pushing anything after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import mmh3
+import orjson
+
+from server.config import NodeSettings
+from server.errors import BadRequest, Overloaded, RingsideError, Unavailable, UnknownOp
+from server.game import Event, GameLimits, GameState, NotInGame
+from server.link import Link
+from server.membership import Membership
+from server.peers import PeerLost, Peers
+from server.persister import Persister
+from server.player import Request
+from server.runtime import Activation, ActorRuntime
+from server.wire import Frame, Kind
+from server.writebehind import WriteBehind
+
+log = logging.getLogger("ringside.messaging")
+
+GAME_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+GAME_WRITES = frozenset({"game.create", "game.join", "game.leave", "game.action"})
+GAME_READS = frozenset({"game.get", "game.events"})
+GAME_OPS = GAME_WRITES | GAME_READS
+RETRY_CODES = frozenset({"not_owner", "unavailable"})
+
+
+class RemoteError(RingsideError):
+    """An error another actor answered with; keeps its code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Timeout(RingsideError):
+    code = "timeout"
+
+
+def _ok(result: Any) -> dict[str, Any]:
+    return {"ok": True, "result": result}
+
+
+def _err(exc: RingsideError) -> dict[str, Any]:
+    return {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+
+
+def stream_id(game: str) -> int:
+    """The 64-bit id the gateway deduplicates a game's pushes by."""
+    return mmh3.hash64(game.encode(), signed=False)[0]
+
+
+class Messaging:
+    def __init__(
+        self,
+        *,
+        name: str,
+        settings: NodeSettings,
+        membership: Membership,
+        peers: Peers,
+        runtime: ActorRuntime,
+        write_behind: WriteBehind,
+        persister: Persister,
+        push: Callable[[str, int, int, bytes], None],
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.limits = GameLimits(
+            max_players=settings.game_max_players,
+            log_size=settings.game_log_size,
+            max_action_bytes=settings.game_max_action_bytes,
+            empty_close_s=settings.game_empty_close_s,
+            max_duration_s=settings.game_max_duration_s,
+        )
+        self._membership = membership
+        self._peers = peers
+        self._runtime = runtime
+        self._wb = write_behind
+        self._persister = persister
+        self._push = push  # (actor key, event seq, stream id, frame bytes) -> to its sessions
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.forwarded_total = 0
+        self.gaps_filled_total = 0
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def owner(self, key: str) -> str:
+        ring = self._membership.ring
+        return ring.owner(key) if ring.members else self.name
+
+    # -- calls and sends --------------------------------------------------
+    async def call(self, key: str, op: str, args: dict[str, Any], *, sender: str, sender_seq: int) -> Any:
+        """Run `op` on actor `key` wherever it lives; return its result or raise RingsideError."""
+        message = {"to": key, "op": op, "args": args, "from": sender, "fseq": sender_seq, "hops": 0}
+        deadline = time.monotonic() + self.settings.call_timeout_s
+        delay = 0.02
+        while True:
+            owner = self.owner(key)
+            remaining = deadline - time.monotonic()
+            try:
+                if owner == self.name:
+                    reply = await self.local(message)
+                else:
+                    reply = await self._peers.call(owner, message, max(remaining, 0.01))
+            except (PeerLost, TimeoutError):
+                reply = None
+            if reply is not None:
+                if reply.get("ok"):
+                    return reply.get("result")
+                error = reply.get("error", {})
+                if error.get("code") not in RETRY_CODES:
+                    raise RemoteError(error.get("code", "internal"), error.get("message", ""))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Timeout(f"{key} did not answer in {self.settings.call_timeout_s}s; outcome unknown")
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.5)
+
+    async def local(self, message: dict[str, Any]) -> dict[str, Any]:
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._deliver(message, future)
+        return await future
+
+    def _deliver(self, message: dict[str, Any], future: asyncio.Future[dict[str, Any]] | None) -> None:
+        def work(act: Activation) -> Any:
+            return self._apply(act, message, future)
+
+        def fail(error: RingsideError) -> None:
+            if future is not None and not future.done():
+                future.set_result(_err(error))
+
+        try:
+            self._runtime.deliver(message["to"], work, fail)
+        except RingsideError as exc:
+            fail(exc)
+
+    def send(self, key: str, op: str, args: dict[str, Any]) -> None:
+        """One-way effect to actor `key`; lost sends are repaired by the receiver's gap fill."""
+        message = {"to": key, "op": op, "args": args, "from": "", "fseq": 0, "hops": 0}
+        owner = self.owner(key)
+        if owner == self.name:
+            self._deliver(message, None)
+        else:
+            self._spawn(self._peers.send(owner, message))
+
+    def on_peer_frame(self, link: Link, frame: Frame) -> None:
+        """An ACTOR_CALL or ACTOR_SEND arrived from a peer."""
+        is_call = frame.kind is Kind.ACTOR_CALL
+        try:
+            message = orjson.loads(frame.payload)
+            key = message["to"]
+            if not isinstance(key, str) or not isinstance(message.get("args"), dict):
+                raise ValueError("bad message")
+        except (ValueError, KeyError, TypeError):
+            if is_call:
+                link.send(Kind.ACTOR_REPLY, 0, frame.seq, 0, orjson.dumps(_err(BadRequest("bad message"))))
+            return
+        owner = self.owner(key)
+        if owner != self.name:
+            if message.get("hops", 0) >= self.settings.max_hops:
+                if is_call:
+                    error = RemoteError("not_owner", f"{key} is not here; hop limit reached")
+                    link.send(Kind.ACTOR_REPLY, 0, frame.seq, 0, orjson.dumps(_err(error)))
+                return
+            message["hops"] = message.get("hops", 0) + 1
+            self.forwarded_total += 1
+            if is_call:
+                self._spawn(self._forward(link, frame.seq, owner, message))
+            else:
+                self._spawn(self._peers.send(owner, message))
+            return
+        if is_call:
+            self._spawn(self._answer(link, frame.seq, message))
+        else:
+            self._deliver(message, None)
+
+    async def _forward(self, link: Link, call_id: int, owner: str, message: dict[str, Any]) -> None:
+        try:
+            reply = await self._peers.call(owner, message, self.settings.call_timeout_s)
+        except (PeerLost, TimeoutError):
+            reply = _err(RemoteError("not_owner", f"forward to {owner} failed"))
+        link.send(Kind.ACTOR_REPLY, 0, call_id, 0, orjson.dumps(reply))
+
+    async def _answer(self, link: Link, call_id: int, message: dict[str, Any]) -> None:
+        reply = await self.local(message)
+        link.send(Kind.ACTOR_REPLY, 0, call_id, 0, orjson.dumps(reply))
+
+    # -- actors -----------------------------------------------------------
+    def _apply(self, act: Activation, message: dict[str, Any], future: Any) -> Any:
+        if act.key.startswith("game:"):
+            self._apply_game(act, message, future)
+            return None
+        if message["op"] == "game.events.push":
+            return self._receive_events(act, message["args"].get("events", []))
+        if future is not None and not future.done():
+            future.set_result(_err(UnknownOp(f"player actors take no {message['op']!r}")))
+        return None
+
+    def _apply_game(self, act: Activation, message: dict[str, Any], future: Any) -> None:
+        game: GameState = act.data
+        op = message["op"]
+
+        def answer(reply: dict[str, Any]) -> None:
+            if future is not None and not future.done():
+                future.set_result(reply)
+
+        if op in GAME_WRITES and not self._wb.can_accept(act.key):
+            answer(_err(Unavailable("state store unreachable; retry later")))
+            return
+        try:
+            result, events = game.handle(
+                op,
+                message["args"],
+                str(message.get("from", "")),
+                int(message.get("fseq", 0)),
+                time.time(),
+                self.limits,
+            )
+        except RingsideError as exc:
+            answer(_err(exc))
+            return
+        if not events:
+            answer(_ok(result))
+            return
+        self._commit(act, events, lambda: answer(_ok(result)), lambda: answer(_err(Unavailable("moved"))))
+
+    def _commit(
+        self,
+        act: Activation,
+        events: list[Event],
+        on_durable: Callable[[], None],
+        on_refused: Callable[[], None],
+    ) -> None:
+        """Write the game now (group commit); answer and publish once it is durable."""
+        game: GameState = act.data
+        self._wb.mark_dirty(act.key, urgent=True)
+        self._persister.kick()
+
+        def durable(ok: bool) -> None:
+            if ok:
+                on_durable()
+                self._publish(game, events)
+            else:
+                on_refused()
+
+        act.wait_durable(durable)
+        self._runtime.set_timer(act, game.next_deadline(self.limits), self._on_game_timer)
+
+    def _publish(self, game: GameState, events: list[Event]) -> None:
+        recipients = dict.fromkeys(game.players)
+        for event in events:
+            if event.sender:
+                recipients.setdefault(event.sender)  # a leaving player sees its own "left"
+        batch = [e.data(game.id) for e in events]
+        for player in recipients:
+            self.send(f"player:{player}", "game.events.push", {"events": batch})
+
+    def _on_game_timer(self, act: Activation) -> None:
+        game: GameState = act.data
+        events = game.on_timer(time.time(), self.limits)
+        if events:
+            self._commit(act, events, lambda: None, lambda: None)
+        else:
+            self._runtime.set_timer(act, game.next_deadline(self.limits), self._on_game_timer)
+
+    def on_activated(self, act: Activation) -> None:
+        if act.key.startswith("game:"):
+            game: GameState = act.data
+            self._runtime.set_timer(act, game.next_deadline(self.limits), self._on_game_timer)
+            if game.log:
+                # Our previous activation may have died between the write and the pushes:
+                # announce the latest event; a player that missed anything fills its gap.
+                self._publish(game, [game.log[-1]])
+        else:
+            for game_id in list(act.player.games):
+                self._runtime.deliver(act.key, self._sync_work(game_id), lambda error: None)
+
+    def _sync_work(self, game_id: str) -> Callable[[Activation], Any]:
+        return lambda act: self._sync(act, game_id)
+
+    # -- player side ------------------------------------------------------
+    def _receive_events(self, act: Activation, events: list[dict[str, Any]]) -> Any:
+        games = act.player.games
+        changed = False
+        for data in events:
+            game_id, seq = data.get("game"), data.get("seq")
+            if not isinstance(game_id, str) or not isinstance(seq, int):
+                continue
+            last = games.get(game_id)
+            if last is None or seq <= last:
+                continue
+            if seq > last + 1:
+                return self._sync(act, game_id)  # fetches these too, in order
+            self._push_event(act, data)
+            games[game_id] = seq
+            changed = True
+        if changed:
+            self._wb.mark_dirty(act.key)
+        return None
+
+    def _push_event(self, act: Activation, data: dict[str, Any]) -> None:
+        frame = orjson.dumps({"ev": "game.event", "data": data})
+        self._push(act.key, data["seq"], stream_id(data["game"]), frame)
+
+    async def _sync(self, act: Activation, game_id: str) -> None:
+        """Push every event of `game_id` after the last one this player got, in order."""
+        last = act.player.games.get(game_id)
+        if last is None:
+            return
+        try:
+            result = await self.call(
+                f"game:{game_id}", "game.events", {"after": last}, sender=act.key, sender_seq=0
+            )
+        except RingsideError as exc:
+            extra = {"actor": act.key, "game": game_id, "error": exc.message}
+            log.warning("gap fill failed", extra=extra)
+            return
+        self.gaps_filled_total += 1
+        if result.get("truncated"):
+            note = {"ev": "game.truncated", "data": {"game": game_id, "after": last}}
+            self._push(act.key, 0, 0, orjson.dumps(note))
+        for data in result.get("events", []):
+            if data["seq"] > act.player.games.get(game_id, data["seq"]):
+                self._push_event(act, data)
+                act.player.games[game_id] = data["seq"]
+        self._wb.mark_dirty(act.key)
+
+    async def game_request(self, act: Activation, seq: int, request: Request) -> Any:
+        """A client's game.* request in its player's turn. Returns the result; raises RingsideError."""
+        player = act.player
+        pid = act.key.partition(":")[2]
+        op, args = request.op, request.args
+        if op == "game.create":
+            game_id = f"g{mmh3.hash64(f'{pid}:{seq}'.encode(), signed=False)[0]:016x}"
+            self._check_room(player.games, game_id)
+            result = await self.call(f"game:{game_id}", op, args, sender=pid, sender_seq=seq)
+            self._joined(act, seq, game_id, 0)
+            await self._sync(act, game_id)
+            return result
+        given = args.get("game")
+        if not isinstance(given, str) or not GAME_ID.match(given):
+            raise BadRequest("game must be a game id string")
+        game_id = given
+        key = f"game:{game_id}"
+        if op == "game.join":
+            if set(args) - {"game"}:
+                raise BadRequest(f"unknown fields {sorted(set(args) - {'game'})}")
+            self._check_room(player.games, game_id)
+            result = await self.call(key, op, {}, sender=pid, sender_seq=seq)
+            if game_id not in player.games:
+                self._joined(act, seq, game_id, result["seq"] - 1)
+            await self._sync(act, game_id)
+            return result
+        if op == "game.leave":
+            result = await self.call(key, op, {}, sender=pid, sender_seq=seq)
+            player.games.pop(game_id, None)
+            self._mark_applied(act, seq)
+            return result
+        if op == "game.action":
+            if game_id not in player.games:
+                raise NotInGame(f"{pid} is not in game {game_id}")
+            return await self.call(key, op, {"action": args.get("action")}, sender=pid, sender_seq=seq)
+        if op == "game.get":
+            return await self.call(key, op, {}, sender=pid, sender_seq=0)
+        if op == "game.events":
+            return await self.call(key, op, {"after": args.get("after", 0)}, sender=pid, sender_seq=0)
+        raise UnknownOp(f"unknown op {op!r}")
+
+    def _check_room(self, games: dict[str, int], game_id: str) -> None:
+        if game_id not in games and len(games) >= self.settings.max_games_per_player:
+            raise Overloaded(f"a player is in at most {self.settings.max_games_per_player} games")
+
+    def _joined(self, act: Activation, seq: int, game_id: str, last: int) -> None:
+        act.player.games.setdefault(game_id, last)
+        self._mark_applied(act, seq)
+
+    def _mark_applied(self, act: Activation, seq: int) -> None:
+        act.player.applied_seq = max(act.player.applied_seq, seq)
+        self._wb.mark_dirty(act.key)

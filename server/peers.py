@@ -1,0 +1,145 @@
+"""Node-to-node links: request/response with correlation ids and timeouts, and one-way sends.
+
+We dial one link per peer and send our calls over it; replies come back on it. A
+peer's calls to us arrive on the link *it* dialed, which the node's link server
+accepts like a gateway's. When a link breaks, the calls waiting on it fail at once
+with PeerLost so the caller can re-resolve the owner and retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from server.link import Link
+from server.wire import Frame, Kind
+
+log = logging.getLogger("ringside.peers")
+
+
+class PeerLost(ConnectionError):
+    """The link to the peer broke or could not be opened; the call may or may not have run."""
+
+
+class Peers:
+    def __init__(
+        self,
+        *,
+        address_of: Callable[[str], tuple[str, int] | None],
+        max_frame: int,
+        write_buffer: int,
+        connect_timeout: float = 1.0,
+        max_calls: int = 10_000,
+    ) -> None:
+        self._address_of = address_of
+        self._max_frame = max_frame
+        self._write_buffer = write_buffer
+        self._connect_timeout = connect_timeout
+        self._max_calls = max_calls
+        self._links: dict[str, Link] = {}
+        self._connecting: dict[str, asyncio.Future[Link]] = {}
+        self._ids = itertools.count(1)
+        self._calls: dict[int, tuple[Link, asyncio.Future[dict[str, Any]]]] = {}
+        self.calls_total = 0
+        self.sends_total = 0
+
+    async def _link(self, node: str) -> Link:
+        link = self._links.get(node)
+        if link is not None and link.is_open:
+            return link
+        pending = self._connecting.get(node)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._connecting[node] = pending
+            try:
+                link = await self._dial(node)
+                pending.set_result(link)
+            except BaseException as exc:
+                pending.set_exception(PeerLost(f"cannot reach {node}: {exc}"))
+                pending.exception()  # retrieved: no "never retrieved" warning
+                raise PeerLost(f"cannot reach {node}: {exc}") from exc
+            finally:
+                del self._connecting[node]
+            return link
+        return await asyncio.shield(pending)
+
+    async def _dial(self, node: str) -> Link:
+        address = self._address_of(node)
+        if address is None:
+            raise PeerLost(f"no address for {node}")
+        loop = asyncio.get_running_loop()
+        _, link = await asyncio.wait_for(
+            loop.create_connection(
+                lambda: Link(
+                    self._on_frames,
+                    self._on_lost,
+                    max_frame=self._max_frame,
+                    write_buffer=self._write_buffer,
+                    name=node,
+                ),
+                *address,
+            ),
+            self._connect_timeout,
+        )
+        self._links[node] = link
+        return link
+
+    async def call(self, node: str, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Send `message` to `node` and wait for its reply. Raises PeerLost or TimeoutError."""
+        if len(self._calls) >= self._max_calls:
+            raise PeerLost(f"{len(self._calls)} calls in flight")
+        link = await asyncio.wait_for(self._link(node), timeout)
+        call_id = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = (link, future)
+        self.calls_total += 1
+        try:
+            if not link.send(Kind.ACTOR_CALL, 0, call_id, 0, orjson.dumps(message)):
+                raise PeerLost(f"link to {node} closed")
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._calls.pop(call_id, None)
+
+    async def send(self, node: str, message: dict[str, Any]) -> bool:
+        """One-way, best effort: False when the peer could not be reached."""
+        try:
+            link = await self._link(node)
+        except PeerLost:
+            return False
+        self.sends_total += 1
+        return link.send(Kind.ACTOR_SEND, 0, 0, 0, orjson.dumps(message))
+
+    def _on_frames(self, link: Link, frames: list[Frame]) -> None:
+        for frame in frames:
+            if frame.kind is not Kind.ACTOR_REPLY:
+                log.warning("unexpected frame on a dialed peer link", extra={"kind": frame.kind.name})
+                continue
+            entry = self._calls.get(frame.seq)
+            if entry is None or entry[0] is not link:
+                continue  # timed out already
+            try:
+                reply = orjson.loads(frame.payload)
+            except orjson.JSONDecodeError:
+                reply = {"ok": False, "error": {"code": "internal", "message": "bad reply"}}
+            if not entry[1].done():
+                entry[1].set_result(reply)
+
+    def _on_lost(self, link: Link) -> None:
+        if self._links.get(link.name) is link:
+            del self._links[link.name]
+        for call_link, future in list(self._calls.values()):
+            if call_link is link and not future.done():
+                future.set_exception(PeerLost(f"link to {link.name} broke"))
+
+    def close(self) -> None:
+        for link in list(self._links.values()):
+            link.close()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._calls)
