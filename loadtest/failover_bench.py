@@ -244,7 +244,7 @@ def membership_events(status: dict[str, Any] | None) -> list[dict[str, Any]]:
 
 async def failover_run(kind: str, index: int, args: argparse.Namespace) -> dict[str, Any]:
     scratch = Scratch(f"{kind}{index}")
-    record: dict[str, Any] = {"scenario": kind, "run": index}
+    record: dict[str, Any] = {"scenario": kind, "run": index, "loadavg_1m_at_start": os.getloadavg()[0]}
     load: TimedLoad | None = None
     try:
         await asyncio.to_thread(scratch.local.up)
@@ -420,6 +420,7 @@ async def burn_run(args: argparse.Namespace) -> dict[str, Any]:
     scratch = Scratch("burn")
     record: dict[str, Any] = {
         "scenario": "cpu_burn",
+        "loadavg_1m_at_start": os.getloadavg()[0],
         "burn_seconds": args.burn_seconds,
         "burn_procs": args.burn_procs,
         "players": args.burn_players,
@@ -658,7 +659,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     f"first ack after the kill: max {fmt(r['first_ack_max_s'])}), "
                     f"gateway faulty at {fmt(r.get('gateway_faulty_s'))}; "
                     f"lost {r.get('lost')} doubled {r.get('doubled')} disconnected {r.get('disconnected')} "
-                    f"errors {r.get('errors')}"
+                    f"errors {r.get('errors')}, load avg {r['loadavg_1m_at_start']:.1f} at start"
                     + (f", rejoined {fmt(r.get('rejoin_s'))} after SIGCONT" if kind == "sigstop" else "")
                 )
         summary[kind] = summarize(kind, runs)
