@@ -12,7 +12,9 @@ import asyncio
 import logging
 import random
 import signal
+import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -44,9 +46,15 @@ class HelloRefused(Exception):
 class ClientSession:
     """The asyncio side of one session: its socket, outbound queue and waiters."""
 
-    __slots__ = ("core", "ws", "outbound", "writer", "attached", "space", "close_code")
+    __slots__ = ("core", "ws", "outbound", "writer", "attached", "space", "close_code", "_on_close")
 
-    def __init__(self, core: Session, ws: ServerConnection, max_outbound: int) -> None:
+    def __init__(
+        self,
+        core: Session,
+        ws: ServerConnection,
+        max_outbound: int,
+        on_close: Callable[[CloseCode], None],
+    ) -> None:
         self.core = core
         self.ws = ws
         self.outbound: asyncio.Queue[bytes] = asyncio.Queue(max_outbound)
@@ -55,6 +63,7 @@ class ClientSession:
         self.space = asyncio.Event()
         self.space.set()
         self.close_code: CloseCode | None = None
+        self._on_close = on_close
 
     def push(self, payload: bytes) -> None:
         try:
@@ -63,8 +72,12 @@ class ClientSession:
             self.close(CloseCode.TOO_SLOW, "outbound queue full: client is not reading")
 
     def close(self, code: CloseCode, reason: str) -> None:
+        """Close with `code`. The close frame queues behind what the client has not read."""
         if self.close_code is None:
             self.close_code = code
+            self._on_close(code)
+            if self.writer is not None:
+                self.writer.cancel()
             asyncio.get_running_loop().create_task(self.ws.close(code, reason))
 
     async def write_loop(self) -> None:
@@ -312,6 +325,9 @@ class Gateway:
             self.metrics.closes.labels(str(int(CloseCode.TRY_AGAIN_LATER))).inc()
             await ws.close(CloseCode.TRY_AGAIN_LATER, "gateway full")
             return
+        sock = ws.transport.get_extra_info("socket")
+        if sock is not None and self.settings.socket_send_buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.socket_send_buffer)
         cs: ClientSession | None = None
         try:
             player = await self._hello(ws)
@@ -348,7 +364,12 @@ class Gateway:
             owner,
             max_replay=self.settings.max_replay,
         )
-        cs = ClientSession(core, ws, self.settings.max_outbound)
+        cs = ClientSession(
+            core,
+            ws,
+            self.settings.max_outbound,
+            lambda code: self.metrics.closes.labels(str(int(code))).inc(),
+        )
         self.sessions[core.id] = cs
         self.sessions_by_player[player] = cs
         try:
@@ -391,8 +412,6 @@ class Gateway:
         del self.sessions[core.id]
         if self.sessions_by_player.get(core.player) is cs:
             del self.sessions_by_player[core.player]
-        if cs.close_code is not None:
-            self.metrics.closes.labels(str(int(cs.close_code))).inc()
         link = self.links.get(core.node)
         if link is not None:
             link.send(Kind.DETACH, core.id)
@@ -442,6 +461,7 @@ class Gateway:
             process_request=routes,
             max_size=self.settings.max_frame_bytes,
             compression=None,
+            close_timeout=self.settings.close_timeout_s,
         )
         log.info("gateway started", extra={"url": f"ws://{self.settings.host}:{self.settings.port}/ws"})
         await self._stopping.wait()

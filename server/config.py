@@ -77,6 +77,10 @@ class GatewaySettings:
     max_replay: int = 1024  # requests kept per session until the node reports them durable
     max_outbound: int = 256  # frames queued per client before it is closed as too slow
     move_timeout_s: float = 10.0  # how long a session's requests wait for its node to come back
+    # Kernel send buffer per client socket. Bounds memory per slow client and how much it
+    # can fall behind before its outbound queue fills and it is closed with 4004.
+    socket_send_buffer: int = 64 * 1024
+    close_timeout_s: float = 5.0  # a closing client has this long to read its backlog and close frame
     link_retry_base_ms: int = 50
     link_retry_cap_ms: int = 1_000
     token_ttl_s: int = 86_400  # default lifetime of tokens minted by `ringside token`

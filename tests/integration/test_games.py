@@ -1,0 +1,181 @@
+"""Games across nodes on real processes: ordered, gap-free, exactly-once events, also
+across the loss of the game's node; a client that stops reading is closed alone."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import time
+import urllib.request
+
+import orjson
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from gateway.client import RingsideClient
+from server.ring import HashRing
+from tests.integration.conftest import await_until
+
+PLAYERS = [f"q{i}" for i in range(8)]
+
+
+async def await_until_async(fetch, check, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not check(await fetch()):
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+def too_slow_closes(cluster) -> int:
+    with urllib.request.urlopen(cluster.local.admin_url("gateway") + "/metrics", timeout=2) as resp:
+        text = resp.read().decode()
+    for line in text.splitlines():
+        if line.startswith('ringside_gateway_closes_total{code="4004"}'):
+            return int(float(line.split()[-1]))
+    return 0
+
+
+def drain_events(client: RingsideClient, into: list[dict]) -> None:
+    while not client.events.empty():
+        into.append(client.events.get_nowait())
+
+
+def game_seqs(events: list[dict], game: str) -> list[int]:
+    return [e["data"]["seq"] for e in events if e["ev"] == "game.event" and e["data"]["game"] == game]
+
+
+async def start_game(cluster, players, max_players=None):
+    clients = [await RingsideClient.connect(cluster.url, cluster.token(p)) for p in players]
+    size = max_players or len(players)
+    created = await clients[0].request("game.create", {"mode": "ffa", "max_players": size})
+    game = created["game"]
+    for c in clients[1:]:
+        await c.request("game.join", {"game": game})
+    return clients, game
+
+
+async def play(clients, game, rounds, acked_points, *, pause=0.0):
+    async def one(c):
+        rng = random.Random(c.player)
+        for i in range(rounds):
+            if i % 3 == 0:
+                action = {"type": "move", "to": [rng.random(), rng.random()]}
+            else:
+                action = {"type": "score", "points": 1}
+            await c.request("game.action", {"game": game, "action": action})
+            if action["type"] == "score":
+                acked_points[c.player] = acked_points.get(c.player, 0) + 1
+            if pause:
+                await asyncio.sleep(pause)
+
+    await asyncio.gather(*(one(c) for c in clients))
+
+
+async def check_streams(clients, game, received, timeout=15.0):
+    final = (await clients[0].request("game.get", {"game": game}))["seq"]
+
+    def caught_up():
+        for c in clients:
+            drain_events(c, received[c.player])
+        return all(game_seqs(received[c.player], game)[-1:] == [final] for c in clients)
+
+    await await_until(caught_up, timeout, "every client sees the game's last event")
+    for c in clients:
+        seqs = game_seqs(received[c.player], game)
+        assert seqs == list(range(seqs[0], final + 1)), f"{c.player}: gap or duplicate in {seqs}"
+    return final
+
+
+def test_eight_players_across_nodes_see_every_action_once_in_order(cluster):
+    ring = HashRing(cluster.config.node_names)
+    assert len({ring.owner(f"player:{p}") for p in PLAYERS}) >= 2
+    acked: dict[str, int] = {}
+
+    async def main():
+        clients, game = await start_game(cluster, PLAYERS)
+        received = {c.player: [] for c in clients}
+        await play(clients, game, 30, acked)
+        final = await check_streams(clients, game, received)
+        # create + 8 joins + 8 * 30 actions
+        assert final == 1 + 8 + 8 * 30
+        # Every action reached every player: each saw everything from its own join on.
+        for c in clients:
+            seqs = game_seqs(received[c.player], game)
+            assert len(seqs) == final - seqs[0] + 1
+        state = await clients[0].request("game.get", {"game": game})
+        assert state["scores"] == acked
+        for c in clients:
+            assert c.closed_with is None
+            await c.close()
+
+    asyncio.run(main())
+
+
+def test_game_survives_the_loss_of_its_node(cluster):
+    acked: dict[str, int] = {}
+
+    async def main():
+        clients, game = await start_game(cluster, PLAYERS)
+        received = {c.player: [] for c in clients}
+        victim = HashRing(cluster.config.node_names).owner(f"game:{game}")
+        play_task = asyncio.create_task(play(clients, game, 60, acked, pause=0.01))
+        await asyncio.sleep(0.4)
+        await asyncio.to_thread(cluster.local.kill, victim)
+        await play_task
+        survivors = [n for n in cluster.config.node_names if n != victim]
+        assert HashRing(survivors).owner(f"game:{game}") != victim
+        await check_streams(clients, game, received)
+        state = await clients[0].request("game.get", {"game": game})
+        assert state["scores"] == acked, "every acknowledged score counted exactly once"
+        assert sum(acked.values()) == 8 * 40
+        for c in clients:
+            assert c.closed_with is None
+            await c.close()
+
+    asyncio.run(main())
+
+
+def test_a_client_that_stops_reading_is_closed_and_others_keep_going(cluster):
+    async def main():
+        clients, game = await start_game(cluster, PLAYERS[:4], max_players=5)
+        # The slow player joins over a socket with a tiny receive buffer, then never reads.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", cluster.config.gateway.port))
+        slow = await connect(cluster.url, sock=sock, compression=None, max_queue=1)
+        await slow.send(orjson.dumps({"op": "hello", "token": cluster.token("slowpoke")}).decode())
+        await slow.recv()
+        await slow.send(orjson.dumps({"id": 1, "op": "game.join", "args": {"game": game}}).decode())
+        await await_until_async(
+            lambda: clients[0].request("game.get", {"game": game}), lambda g: "slowpoke" in g["players"]
+        )
+        big = {"type": "emote", "pad": "x" * 400}
+        received = {c.player: [] for c in clients}
+        started = time.monotonic()
+        sent = 0
+        while not too_slow_closes(cluster) and time.monotonic() - started < 60:
+            for _ in range(25):
+                await asyncio.gather(
+                    *(c.request("game.action", {"game": game, "action": big}) for c in clients)
+                )
+                sent += len(clients)
+            for c in clients:
+                drain_events(c, received[c.player])
+        assert too_slow_closes(cluster) == 1, f"not closed after {sent} actions"
+        # Reading again, the slow client finds its backlog and then the close code.
+        try:
+            async with asyncio.timeout(10):
+                async for _ in slow:
+                    pass
+        except ConnectionClosed:
+            pass
+        assert slow.close_code == 4004, (slow.close_code, sent)
+        # The others kept going and still get everything, in order.
+        await play(clients, game, 5, {})
+        await check_streams(clients, game, received)
+        for c in clients:
+            assert c.closed_with is None
+            await c.close()
+
+    asyncio.run(main())
