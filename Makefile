@@ -7,7 +7,8 @@ RINGSIDE := $(BIN)/ringside --config $(CONFIG)
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run up down status kill pause test test-unit lint clean
+.PHONY: install run up down status kill pause drain add-node restart deploy test test-unit lint \
+	loadtest loadtest-ui bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,41 @@ kill: $(STAMP)
 pause: $(STAMP)
 	@test -n "$(NODE)" -a -n "$(SECONDS)" || (echo "usage: make pause NODE=n2 SECONDS=6" && exit 2)
 	$(RINGSIDE) pause $(NODE) $(SECONDS)
+
+drain: $(STAMP)
+	@test -n "$(NODE)" || (echo "usage: make drain NODE=n2" && exit 2)
+	$(RINGSIDE) drain $(NODE)
+
+add-node: $(STAMP)
+	@test -n "$(NODE)" || (echo "usage: make add-node NODE=n4" && exit 2)
+	$(RINGSIDE) add-node $(NODE)
+
+restart: $(STAMP)
+	@test -n "$(NODE)" || (echo "usage: make restart NODE=n2" && exit 2)
+	$(RINGSIDE) restart $(NODE)
+
+deploy: $(STAMP)
+	$(RINGSIDE) deploy
+
+# Load tests against the running cluster (`make up` first). USERS, RATE (Hz per user),
+# DURATION (e.g. 60s) and CHAOS (e.g. kill:n2@20) are passed to the locustfile.
+USERS ?= 200
+RATE ?= 10
+DURATION ?= 60s
+SPAWN ?= 50
+CHAOS ?=
+LOCUST_ENV = RINGSIDE_CONFIG=$(CONFIG) RINGSIDE_RATE=$(RATE) RINGSIDE_CHAOS=$(CHAOS)
+
+loadtest: $(STAMP)
+	mkdir -p .run/loadtest
+	$(LOCUST_ENV) $(BIN)/locust -f loadtest/locustfile.py --headless -u $(USERS) -r $(SPAWN) \
+		-t $(DURATION) --csv .run/loadtest/ringside --html .run/loadtest/report.html --only-summary
+
+loadtest-ui: $(STAMP)
+	$(LOCUST_ENV) $(BIN)/locust -f loadtest/locustfile.py
+
+bench: $(STAMP)
+	$(BIN)/python -m loadtest.bench
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
