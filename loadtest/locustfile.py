@@ -1,0 +1,481 @@
+"""Locust scenario: game clients against a running Ringside cluster (`make loadtest`).
+
+    make up
+    make loadtest USERS=200 RATE=10 DURATION=60s [CHAOS=kill:n2@20]
+    .venv/bin/locust -f loadtest/locustfile.py --headless -u 400 -r 100 -t 60s --processes 2
+
+Each user is one game client over `websocket-client` (blocking sockets, which locust's
+gevent monkey-patching turns cooperative): `hello` with a token minted from the cluster
+secret of `RINGSIDE_CONFIG` (default `configs/local.toml`), then a game. Users are grouped
+`RINGSIDE_GAME_SIZE` (8) per game: the first of a group creates it, the others join it by
+the id it publishes in a module-level registry (per locust process). Then, open loop at
+`RINGSIDE_RATE` Hz (10): a `player.update` of the position each tick, and now and then a
+`game.action` (score about every 2 s, chat about every 5 s). A reader greenlet per user
+reads replies and pushes.
+
+Reported to locust's statistics (`events.request.fire`, request_type `ws`):
+- every request, named by op, timed from send to reply (failures: `ok: false` with the
+  error code, timeout after `RINGSIDE_TIMEOUT_S` (10), or the connection closing);
+- `game.event echo`: a push's delivery delay. Pushes carry no timestamp, so it is
+  measured on the user's own actions: from sending the `game.action` to receiving the
+  `game.event` with the seq the reply returned;
+- `hello` (connect + handshake), and `connection` failures with the close code.
+
+Chaos (`RINGSIDE_CHAOS`, comma-separated, e.g. `kill:n2@20`, `pause:n2@20`, `drain:n2@20`):
+at that second from the test start the master (or the local runner) SIGKILLs the node,
+SIGSTOPs it for `RINGSIDE_PAUSE_S` (6) seconds, or runs `ringside drain n2`. The chaos
+action itself shows in the report as request_type `chaos`, and at the end the summary
+prints, per event, the requests sent in the `RINGSIDE_STALL_WINDOW_S` (5) seconds after
+it: how many, how many failed, and the longest one (the stall). With `--processes`,
+workers ship per-second buckets to the master with their stats reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import random
+import subprocess
+import sys
+import time
+from typing import Any
+
+import gevent
+import orjson
+import websocket  # websocket-client
+from gevent.event import AsyncResult
+from locust import User, constant_pacing, events, task
+from locust.runners import LocalRunner, MasterRunner, WorkerRunner
+
+from server.cluster import LocalCluster
+from server.config import load_config
+from server.tokens import mint
+
+log = logging.getLogger("ringside.locust")
+
+CONFIG_PATH = os.environ.get("RINGSIDE_CONFIG") or "configs/local.toml"
+CONFIG = load_config(CONFIG_PATH)
+URL = os.environ.get("RINGSIDE_URL") or f"ws://{CONFIG.gateway.host}:{CONFIG.gateway.port}/ws"
+RATE = float(os.environ.get("RINGSIDE_RATE") or 10)
+GAME_SIZE = max(1, int(os.environ.get("RINGSIDE_GAME_SIZE") or 8))
+TIMEOUT_S = float(os.environ.get("RINGSIDE_TIMEOUT_S") or 10)
+PAUSE_S = float(os.environ.get("RINGSIDE_PAUSE_S") or 6)
+STALL_WINDOW_S = float(os.environ.get("RINGSIDE_STALL_WINDOW_S") or 5)
+CHAOS = os.environ.get("RINGSIDE_CHAOS") or ""
+SCORE_EVERY_S = 2.0
+CHAT_EVERY_S = 5.0
+MAX_IN_FLIGHT = 64  # per user; past it a tick is skipped (counted as `skipped`)
+RUN_TAG = f"{int(time.time()) % 1_000_000:06d}"
+
+_user_ids = itertools.count()
+_games: dict[int, AsyncResult] = {}  # group -> AsyncResult(game id or None)
+
+# Per-second buckets by *send* wall time: sec -> [requests, failures, max latency ms].
+_buckets: dict[int, list[float]] = {}
+_chaos_log: list[dict[str, Any]] = []  # master/local only
+_others_pushes = 0
+_skipped = 0  # ticks skipped because MAX_IN_FLIGHT requests were unanswered
+
+
+def _bucket(sent_wall: float, latency_ms: float, failed: bool) -> None:
+    b = _buckets.get(int(sent_wall))
+    if b is None:
+        if len(_buckets) > 7200:  # bound: two hours of seconds
+            for key in sorted(_buckets)[:3600]:
+                del _buckets[key]
+        b = _buckets[int(sent_wall)] = [0, 0, 0.0]
+    b[0] += 1
+    if failed:
+        b[1] += 1
+    if latency_ms > b[2]:
+        b[2] = latency_ms
+
+
+def _fire(
+    name: str,
+    started: float,
+    sent_wall: float,
+    *,
+    exc: Exception | None = None,
+    size: int = 0,
+    request_type: str = "ws",
+) -> None:
+    ms = (time.perf_counter() - started) * 1000.0
+    events.request.fire(
+        request_type=request_type,
+        name=name,
+        response_time=ms,
+        response_length=size,
+        exception=exc,
+        context={},
+    )
+    _bucket(sent_wall, ms, exc is not None)
+
+
+class RingsideError(Exception):
+    pass
+
+
+class GameClient(User):
+    wait_time = constant_pacing(1.0 / RATE)
+
+    def __init__(self, environment: Any) -> None:
+        super().__init__(environment)
+        self.index = next(_user_ids)
+        self.player = f"ls{RUN_TAG}p{os.getpid()}u{self.index}"
+        self.ws: websocket.WebSocket | None = None
+        self.reader: gevent.Greenlet | None = None
+        self.ids = itertools.count(1)
+        # id -> (op, perf start, wall start, AsyncResult | None)
+        self.pending: dict[int, tuple[str, float, float, AsyncResult | None]] = {}
+        self.echo_wait: dict[int, tuple[float, float]] = {}  # event seq -> (perf, wall) of the send
+        self.early_echo: dict[int, float] = {}  # event seq -> perf when its push came before the reply
+        self.action_sent: dict[int, tuple[float, float]] = {}  # request id -> (perf, wall)
+        self.game: str | None = None
+        self.next_score = time.monotonic() + random.uniform(0, SCORE_EVERY_S)
+        self.next_chat = time.monotonic() + random.uniform(0, CHAT_EVERY_S)
+        self.reconnect_at = 0.0
+
+    # -- connection -------------------------------------------------------
+    def connect(self) -> bool:
+        started, wall = time.perf_counter(), time.time()
+        token = mint(CONFIG.secret_bytes, self.player, expires_at=int(time.time()) + 86_400)
+        try:
+            ws = websocket.create_connection(URL, timeout=TIMEOUT_S, enable_multithread=True)
+            ws.send(orjson.dumps({"op": "hello", "token": token}).decode())
+            welcome = orjson.loads(ws.recv())
+            if welcome.get("op") != "welcome":
+                ws.close()
+                raise RingsideError(f"hello refused: {welcome.get('error')}")
+            ws.settimeout(None)
+        except Exception as exc:  # noqa: BLE001 - every failure is a reported failure
+            _fire("hello", started, wall, exc=exc)
+            self.reconnect_at = time.monotonic() + 1.0
+            return False
+        _fire("hello", started, wall)
+        self.ws = ws
+        self.reader = gevent.spawn(self._read, ws)
+        return True
+
+    def _read(self, ws: websocket.WebSocket) -> None:
+        global _others_pushes
+        try:
+            while True:
+                raw = ws.recv()
+                if not raw:
+                    raise websocket.WebSocketConnectionClosedException("closed")
+                now = time.perf_counter()
+                msg = orjson.loads(raw)
+                if "ev" in msg:
+                    data = msg.get("data") or {}
+                    if msg["ev"] == "game.event" and data.get("from") == self.player:
+                        self._echo(data.get("seq"), now)
+                    else:
+                        _others_pushes += 1
+                    continue
+                entry = self.pending.pop(msg.get("id"), None)
+                if entry is None:
+                    continue
+                op, started, wall, waiter = entry
+                ok = bool(msg.get("ok"))
+                exc = None
+                if not ok:
+                    err = msg.get("error") or {}
+                    exc = RingsideError(f"{err.get('code')}: {err.get('message')}")
+                _fire(op, started, wall, exc=exc, size=len(raw))
+                if waiter is not None:
+                    waiter.set(msg)
+                if op == "game.action" and ok:
+                    seq = (msg.get("result") or {}).get("seq")
+                    early = self.early_echo.pop(seq, None)
+                    if early is not None:
+                        self._fire_echo(started, wall, early)
+                    elif seq is not None:
+                        self.echo_wait[seq] = (started, wall)
+        except Exception as exc:  # noqa: BLE001 - closed socket or garbage: report and reconnect
+            if self.ws is ws:
+                code = getattr(ws, "status", None)
+                _fire(
+                    "connection",
+                    time.perf_counter(),
+                    time.time(),
+                    exc=RingsideError(f"connection lost: {exc!r} (close {code})"),
+                )
+                self._drop(ws, f"connection lost: {exc!r}")
+
+    def _echo(self, seq: Any, now: float) -> None:
+        sent = self.echo_wait.pop(seq, None)
+        if sent is not None:
+            self._fire_echo(sent[0], sent[1], now)
+        elif isinstance(seq, int) and len(self.early_echo) < 1024:
+            self.early_echo[seq] = now
+
+    def _fire_echo(self, started: float, wall: float, received: float) -> None:
+        ms = (received - started) * 1000.0
+        events.request.fire(
+            request_type="push",
+            name="game.event echo",
+            response_time=ms,
+            response_length=0,
+            exception=None,
+            context={},
+        )
+        _bucket(wall, ms, False)
+
+    def _drop(self, ws: websocket.WebSocket, reason: str) -> None:
+        if self.ws is ws:
+            self.ws = None
+        with contextlib.suppress(Exception):
+            ws.close(timeout=0.1)
+        for op, started, wall, waiter in self.pending.values():
+            _fire(op, started, wall, exc=RingsideError(reason))
+            if waiter is not None:
+                waiter.set({"ok": False, "error": {"code": "closed"}})
+        self.pending.clear()
+        self.echo_wait.clear()
+        self.early_echo.clear()
+        self.reconnect_at = time.monotonic() + 0.5
+
+    def send(self, op: str, args: dict[str, Any], *, wait: bool = False) -> dict[str, Any] | None:
+        ws = self.ws
+        if ws is None:
+            return None
+        rid = next(self.ids)
+        waiter = AsyncResult() if wait else None
+        started, wall = time.perf_counter(), time.time()
+        self.pending[rid] = (op, started, wall, waiter)
+        try:
+            ws.send(orjson.dumps({"id": rid, "op": op, "args": args}).decode())
+        except Exception as exc:  # noqa: BLE001
+            self._drop(ws, f"send failed: {exc!r}")
+            return None
+        if waiter is None:
+            return None
+        try:
+            return waiter.get(timeout=TIMEOUT_S)
+        except gevent.Timeout:
+            return None
+
+    def expire(self) -> None:
+        now = time.perf_counter()
+        late = [rid for rid, entry in self.pending.items() if now - entry[1] > TIMEOUT_S]
+        for rid in late:
+            op, started, wall, waiter = self.pending.pop(rid)
+            _fire(op, started, wall, exc=RingsideError(f"timeout after {TIMEOUT_S:g}s"))
+            if waiter is not None:
+                waiter.set({"ok": False, "error": {"code": "timeout"}})
+        stale = [seq for seq, (started, _) in self.echo_wait.items() if now - started > TIMEOUT_S]
+        for seq in stale:
+            started, wall = self.echo_wait.pop(seq)
+            events.request.fire(
+                request_type="push",
+                name="game.event echo",
+                response_time=TIMEOUT_S * 1000,
+                response_length=0,
+                exception=RingsideError("own game.event never arrived"),
+                context={},
+            )
+            _bucket(wall, TIMEOUT_S * 1000, True)
+        if len(self.early_echo) > 512:
+            self.early_echo.clear()
+
+    # -- the game ---------------------------------------------------------
+    def join_game(self) -> None:
+        group, first = divmod(self.index, GAME_SIZE)
+        slot = _games.setdefault(group, AsyncResult())
+        if first == 0:
+            reply = self.send("game.create", {"mode": "locust", "max_players": GAME_SIZE}, wait=True)
+            self.game = (reply or {}).get("result", {}).get("game") if reply and reply.get("ok") else None
+            slot.set(self.game)
+            return
+        try:
+            game = slot.get(timeout=TIMEOUT_S + 5)
+        except gevent.Timeout:
+            game = None
+        if game is not None:
+            reply = self.send("game.join", {"game": game}, wait=True)
+            if reply and reply.get("ok"):
+                self.game = game
+                return
+        # No game to join (creator failed or group full): play in one of our own.
+        reply = self.send("game.create", {"mode": "locust", "max_players": GAME_SIZE}, wait=True)
+        if reply and reply.get("ok"):
+            self.game = reply["result"]["game"]
+
+    def on_start(self) -> None:
+        if self.connect():
+            self.join_game()
+
+    def on_stop(self) -> None:
+        ws, self.ws = self.ws, None
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                ws.close(timeout=1)
+        if self.reader is not None:
+            self.reader.kill(block=False)
+
+    @task
+    def tick(self) -> None:
+        if self.ws is None:
+            if time.monotonic() >= self.reconnect_at and self.connect() and self.game is None:
+                self.join_game()
+            return
+        self.expire()
+        if len(self.pending) >= MAX_IN_FLIGHT:
+            global _skipped
+            _skipped += 1
+            return
+        position = [round(random.uniform(-100, 100), 2) for _ in range(3)]
+        self.send("player.update", {"set": {"position": position}})
+        now = time.monotonic()
+        if self.game is not None and now >= self.next_score:
+            self.next_score = now + SCORE_EVERY_S * random.uniform(0.5, 1.5)
+            self.send("game.action", {"game": self.game, "action": {"type": "score", "points": 1}})
+        elif self.game is not None and now >= self.next_chat:
+            self.next_chat = now + CHAT_EVERY_S * random.uniform(0.5, 1.5)
+            self.send("game.action", {"game": self.game, "action": {"type": "chat", "text": "gg wp"}})
+
+
+# -- chaos (master or local runner) ------------------------------------------
+
+
+def parse_chaos(spec: str) -> list[tuple[str, str, float]]:
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        try:
+            action, rest = part.split(":", 1)
+            node, at = rest.split("@", 1)
+            if action not in ("kill", "pause", "drain"):
+                raise ValueError(action)
+            out.append((action, node, float(at)))
+        except ValueError:
+            raise SystemExit(  # noqa: B904 - a usage error, not a chained one
+                f"RINGSIDE_CHAOS: cannot parse {part!r}; expected kill|pause|drain:NODE@SECONDS"
+            )
+    return out
+
+
+CHAOS_PLAN = parse_chaos(CHAOS)
+
+
+def _chaos(action: str, node: str, at: float, t0: float) -> None:
+    gevent.sleep(max(0.0, t0 + at - time.time()))
+    cluster = LocalCluster(CONFIG, CONFIG_PATH, progress=lambda msg: log.info(msg))
+    entry: dict[str, Any] = {"action": action, "node": node, "at_s": at, "wall": time.time()}
+    _chaos_log.append(entry)
+    print(f"[chaos] {action} {node} at t={time.time() - t0:.1f}s", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    exc: Exception | None = None
+    try:
+        if action == "kill":
+            cluster.kill(node)
+        elif action == "pause":
+            cluster.pause(node, PAUSE_S)
+        else:
+            cmd = [sys.executable, "-m", "server.cli", "--config", CONFIG_PATH, "drain", node]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if proc.returncode != 0:
+                said = (proc.stderr or proc.stdout).strip().splitlines() or ["(no output)"]
+                raise RuntimeError(
+                    f"`ringside drain {node}` failed (exit {proc.returncode}; is drain implemented?): "
+                    f"{said[-1][:200]}"
+                )
+    except Exception as err:  # noqa: BLE001
+        exc = err
+        entry["error"] = str(err)
+        print(f"[chaos] {action} {node} FAILED: {err}", file=sys.stderr, flush=True)
+        log.error("chaos %s %s failed: %s", action, node, err)
+    entry["took_s"] = time.perf_counter() - started
+    events.request.fire(
+        request_type="chaos",
+        name=f"{action} {node}",
+        response_time=entry["took_s"] * 1000,
+        response_length=0,
+        exception=exc,
+        context={},
+    )
+
+
+@events.test_start.add_listener
+def _on_test_start(environment: Any, **_: Any) -> None:
+    runner = environment.runner
+    if isinstance(runner, WorkerRunner) or not CHAOS_PLAN:
+        return
+    t0 = time.time()
+    for action, node, at in CHAOS_PLAN:
+        gevent.spawn(_chaos, action, node, at, t0)
+
+
+@events.report_to_master.add_listener
+def _on_report_to_master(client_id: str, data: dict[str, Any]) -> None:
+    data["ringside_buckets"] = {str(k): v for k, v in _buckets.items()}
+    global _others_pushes, _skipped
+    data["ringside_others_pushes"] = _others_pushes
+    data["ringside_skipped"] = _skipped
+    _others_pushes = _skipped = 0  # workers ship deltas
+    _buckets.clear()
+
+
+@events.worker_report.add_listener
+def _on_worker_report(client_id: str, data: dict[str, Any]) -> None:
+    global _others_pushes, _skipped
+    _others_pushes += data.get("ringside_others_pushes", 0)
+    _skipped += data.get("ringside_skipped", 0)
+    for key, (n, failed, worst) in data.get("ringside_buckets", {}).items():
+        b = _buckets.setdefault(int(key), [0, 0, 0.0])
+        b[0] += n
+        b[1] += failed
+        b[2] = max(b[2], worst)
+
+
+def chaos_summary() -> list[str]:
+    lines = []
+    for entry in _chaos_log:
+        start = entry["wall"]
+        window = [(sec, b) for sec, b in _buckets.items() if start - 1 <= sec < start + STALL_WINDOW_S]
+        sent = sum(b[0] for _, b in window)
+        failed = sum(b[1] for _, b in window)
+        worst = max((b[2] for _, b in window), default=0.0)
+        status = f"FAILED: {entry['error']}" if "error" in entry else f"done in {entry['took_s']:.2f}s"
+        lines.append(
+            f"chaos {entry['action']} {entry['node']} @{entry['at_s']:g}s ({status}): "
+            f"requests sent in the {STALL_WINDOW_S:g}s after it: {sent}, failed {failed}, "
+            f"longest stall {worst:.0f} ms"
+        )
+    return lines
+
+
+_printed = False
+
+
+def _print_summary(environment: Any) -> None:
+    global _printed
+    if _printed or isinstance(environment.runner, WorkerRunner):
+        return
+    _printed = True
+    total = environment.stats.total
+    lines = [
+        "ringside locust summary:",
+        f"  url {URL}, rate {RATE:g} Hz per user, {GAME_SIZE} players per game",
+        f"  requests {total.num_requests}, failures {total.num_failures}, pushes from other players "
+        f"{_others_pushes}, ticks skipped at the in-flight bound ({MAX_IN_FLIGHT}) {_skipped}",
+    ]
+    lines += ["  " + line for line in chaos_summary()]
+    if CHAOS_PLAN and not _chaos_log:
+        lines.append("  chaos was planned but did not run (test ended before its second?)")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+@events.test_stop.add_listener
+def _on_test_stop(environment: Any, **_: Any) -> None:
+    # A master gets the workers' last reports after test_stop: it prints at quitting.
+    if isinstance(environment.runner, LocalRunner):
+        _print_summary(environment)
+
+
+@events.quitting.add_listener
+def _on_quitting(environment: Any, **_: Any) -> None:
+    if isinstance(environment.runner, MasterRunner):
+        _print_summary(environment)
