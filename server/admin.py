@@ -7,7 +7,9 @@ any WebSocket handshake happens.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import hmac
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -16,7 +18,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
+log = logging.getLogger("ringside.admin")
+
 StatusFn = Callable[[], dict[str, Any]]
+ActionFn = Callable[[], dict[str, Any]]
 HealthFn = Callable[[], tuple[bool, str]]
 
 
@@ -41,13 +46,32 @@ def admin_routes(
     health: HealthFn,
     registry: CollectorRegistry,
     websocket_path: str | None = None,
+    actions: Mapping[str, ActionFn] | None = None,
+    admin_token: str = "",
 ) -> Callable[[ServerConnection, Request], Awaitable[Response | None]]:
-    """A `process_request` hook: answers the admin paths, lets `websocket_path` through."""
+    """A `process_request` hook: answers the admin paths, lets `websocket_path` through.
+
+    `/admin/<action>` runs `actions[action]()` when the request carries
+    `Authorization: Bearer <admin_token>`; every attempt is logged with its peer.
+    """
+    actions = actions or {}
 
     async def process_request(conn: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if websocket_path is not None and path == websocket_path:
             return None
+        if path.startswith("/admin/"):
+            name = path.removeprefix("/admin/")
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            peer = conn.remote_address[0] if conn.remote_address else "?"
+            if not admin_token or not hmac.compare_digest(given.encode(), admin_token.encode()):
+                log.warning("admin action refused", extra={"action": name, "peer": peer})
+                return json_response(conn, HTTPStatus.UNAUTHORIZED, {"error": "admin token required"})
+            action = actions.get(name)
+            if action is None:
+                return json_response(conn, HTTPStatus.NOT_FOUND, {"error": f"no admin action {name}"})
+            log.info("admin action", extra={"action": name, "peer": peer})
+            return json_response(conn, HTTPStatus.OK, action())
         if path == "/healthz":
             ok, detail = health()
             code = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE

@@ -149,6 +149,26 @@ def cmd_pause(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drain(args: argparse.Namespace) -> int:
+    _cluster(args).drain(args.name)
+    return 0
+
+
+def cmd_add_node(args: argparse.Namespace) -> int:
+    _cluster(args).add_node(args.name)
+    return 0
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    _cluster(args).restart(args.name)
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    _cluster(args).deploy()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ringside", description=__doc__)
     parser.add_argument(
@@ -171,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="every process and whether it is healthy")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+    for command, func, text in (
+        ("drain", cmd_drain, "hand a node's actors and sessions to others, then stop it"),
+        ("add-node", cmd_add_node, "start a node (e.g. a standby from the config) and join it"),
+        ("restart", cmd_restart, "drain a node, start it again, wait until it serves"),
+    ):
+        p = sub.add_parser(command, help=text)
+        p.add_argument("name")
+        p.set_defaults(func=func)
+    sub.add_parser("deploy", help="rolling restart of every node").set_defaults(func=cmd_deploy)
     p = sub.add_parser("kill", help="SIGKILL one process (failure drill)")
     p.add_argument("name")
     p.set_defaults(func=cmd_kill)

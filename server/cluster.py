@@ -49,18 +49,24 @@ def http_json(url: str, timeout: float = 1.0) -> tuple[int, Any]:
 
 
 def pid_alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie (exited, not yet reaped) counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    # A zombie child still answers kill(0); reap it if it is ours.
     try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
+        done, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+        if done:
+            return False
     except ChildProcessError:
-        return True
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 class LocalCluster:
@@ -86,7 +92,8 @@ class LocalCluster:
 
     def process_names(self) -> list[str]:
         names = ["redis"] if self.config.redis.embedded else []
-        return names + self.config.node_names + ["gateway"]
+        running_standbys = [n.name for n in self.config.nodes if n.standby and self.pid(n.name) is not None]
+        return names + self.config.node_names + running_standbys + ["gateway"]
 
     # -- start ------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str]) -> int:
@@ -194,7 +201,7 @@ class LocalCluster:
         g = self.config.gateway
         self.progress(
             f"cluster up in {time.monotonic() - started:.1f}s: gateway ws://{g.host}:{g.port}/ws, "
-            f"{len(self.config.nodes)} nodes, logs in {self.run_dir}"
+            f"{len(self.config.node_names)} nodes, logs in {self.run_dir}"
         )
 
     # -- stop -------------------------------------------------------------
@@ -223,11 +230,103 @@ class LocalCluster:
         # Gateway first (no new requests), then the nodes (each flushes), Redis last.
         for name in self.stop("gateway"):
             self.progress(f"  {name} stopped")
-        for name in self.stop(*self.config.node_names):
+        for name in self.stop(*self.config.all_node_names):
             self.progress(f"  {name} stopped (flushed)")
         if self.config.redis.embedded:
             for name in self.stop("redis"):
                 self.progress(f"  {name} stopped")
+
+    # -- operations -------------------------------------------------------
+    def admin(self, name: str, action: str, timeout: float = 5.0) -> dict[str, Any]:
+        request = urllib.request.Request(
+            self.admin_url(name) + f"/admin/{action}",
+            headers={"Authorization": f"Bearer {self.config.admin_token}"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
+                result: dict[str, Any] = orjson.loads(resp.read())
+                return result
+        except urllib.error.HTTPError as err:
+            raise ClusterError(f"{name} refused {action}: HTTP {err.code}") from err
+        except OSError as err:
+            raise ClusterError(f"{name} did not answer {action}: {err}") from err
+
+    def drain(self, name: str) -> float:
+        """Drain `name` and wait for its process to exit; returns the seconds it took."""
+        pid = self.pid(name)
+        if pid is None:
+            raise ClusterError(f"{name} is not running")
+        started = time.monotonic()
+        before = self.admin(name, "drain")
+        self.progress(
+            f"  {name} draining: {before.get('actors', 0)} actors, {before.get('sessions', 0)} sessions"
+        )
+        timeout = self.config.node.drain_timeout_s + 15
+        last = 0.0
+        while pid_alive(pid):
+            now = time.monotonic()
+            if now - started > timeout:
+                raise ClusterError(f"{name} still running {timeout:.0f}s after drain; see its log")
+            if now - last >= 0.5:
+                last = now
+                code, status = http_json(self.admin_url(name) + "/status", timeout=0.5)
+                if code == 200:
+                    self.progress(
+                        f"  {name} draining: {status['actors']} actors, {status['sessions']} sessions "
+                        f"left, {now - started:.1f}s"
+                    )
+            time.sleep(0.02)
+        self.pid_file(name).unlink(missing_ok=True)
+        elapsed = time.monotonic() - started
+        self.progress(
+            f"drained {name} in {elapsed:.2f}s: {before.get('sessions', 0)} sessions re-pinned, "
+            f"{before.get('actors', 0)} actors handed off, process exited"
+        )
+        return elapsed
+
+    def wait_in_ring(self, name: str, timeout: float = 20.0) -> None:
+        """Wait until the gateway sees `name` alive and routes to it."""
+
+        def joined() -> bool:
+            code, status = http_json(self.admin_url("gateway") + "/status")
+            if code != 200:
+                return False
+            membership = status.get("membership", {})
+            return (
+                membership.get("members", {}).get(name) == "alive"
+                and name in membership.get("ring", {})
+                and status.get("links", {}).get(name) is True
+            )
+
+        self._wait(name, joined, timeout)
+
+    def add_node(self, name: str) -> float:
+        started = time.monotonic()
+        self.start_node(name)
+        self.wait_in_ring(name)
+        elapsed = time.monotonic() - started
+        self.progress(f"added {name} in {elapsed:.2f}s: it is in the ring and the gateway routes to it")
+        return elapsed
+
+    def restart(self, name: str) -> float:
+        started = time.monotonic()
+        self.drain(name)
+        self.start_node(name)
+        self.wait_in_ring(name)
+        elapsed = time.monotonic() - started
+        self.progress(f"restarted {name} in {elapsed:.2f}s")
+        return elapsed
+
+    def deploy(self) -> float:
+        """Rolling restart: each running node in turn, the next only once it serves again."""
+        started = time.monotonic()
+        names = [n for n in self.config.all_node_names if self.pid(n) is not None]
+        for i, name in enumerate(names, 1):
+            self.progress(f"[{i}/{len(names)}] restarting {name}")
+            self.restart(name)
+        elapsed = time.monotonic() - started
+        self.progress(f"deployed: {len(names)} nodes restarted one at a time in {elapsed:.1f}s")
+        return elapsed
 
     def kill(self, name: str) -> int:
         pid = self.pid(name)

@@ -19,6 +19,7 @@ from typing import Any
 from server.swim import SwimConfig
 
 DEV_SECRET = "ringside-development-secret-do-not-use-in-production"
+DEV_ADMIN_TOKEN = "ringside-development-admin-token"
 
 
 class ConfigError(ValueError):
@@ -32,6 +33,7 @@ class NodeAddress:
     link_port: int = 7101  # gateway and peer links (TCP)
     admin_port: int = 7201  # /healthz /metrics /status (HTTP)
     gossip_port: int = 7301  # SWIM (UDP) and push-pull (TCP)
+    standby: bool = False  # not started by `up`; `make add-node NODE=...` starts it
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,7 @@ class NodeSettings:
     # and had its actors reassigned: it drops them unwritten. Keep it below the fastest
     # failure detection (ack_timeout + protocol_period + suspicion_min = 0.78 s by default).
     stall_drop_s: float = 0.7
+    drain_timeout_s: float = 30.0  # past it, a draining node flushes what is left and exits
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +109,7 @@ class RedisSettings:
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:
     secret: str = DEV_SECRET
+    admin_token: str = DEV_ADMIN_TOKEN  # required by /admin/* actions (drain)
     run_dir: str = ".run"
     redis: RedisSettings = field(default_factory=RedisSettings)
     node: NodeSettings = field(default_factory=NodeSettings)
@@ -137,6 +141,11 @@ class ClusterConfig:
 
     @property
     def node_names(self) -> list[str]:
+        """The nodes `up` starts (standbys excluded)."""
+        return [n.name for n in self.nodes if not n.standby]
+
+    @property
+    def all_node_names(self) -> list[str]:
         return [n.name for n in self.nodes]
 
 
@@ -201,8 +210,10 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     if len({n.name for n in nodes}) != len(nodes):
         raise ConfigError("node names must be unique")
     secret = env.get("RINGSIDE_SECRET") or cluster.get("secret", DEV_SECRET)
+    admin_token = env.get("RINGSIDE_ADMIN_TOKEN") or cluster.get("admin_token", DEV_ADMIN_TOKEN)
     return ClusterConfig(
         secret=secret,
+        admin_token=admin_token,
         run_dir=env.get("RINGSIDE_RUN_DIR") or cluster.get("run_dir", ".run"),
         redis=redis,
         node=_section(NodeSettings, data.get("node", {}), env, "NODE"),

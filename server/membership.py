@@ -51,14 +51,20 @@ class Membership:
         self.ring = HashRing([])
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self.self_faulty_total = 0
+        self.left = False
 
     async def start(self) -> None:
         await self.endpoint.start()
 
     async def leave(self, timeout: float = 3.0) -> bool:
+        """Gossip `leaving` (peers drop us from the ring at once), then stop gossiping."""
+        if self.left:
+            return True
+        self.left = True
         return await self.endpoint.leave(timeout)
 
     async def stop(self) -> None:
+        self.left = True
         await self.endpoint.stop()
 
     def probe(self, name: str) -> None:

@@ -221,6 +221,8 @@ class Messaging:
     def _apply_game(self, act: Activation, message: dict[str, Any], future: Any) -> None:
         game: GameState = act.data
         op = message["op"]
+        if op == "game.wake":
+            return  # activation alone re-armed its timer
 
         def answer(reply: dict[str, Any]) -> None:
             if future is not None and not future.done():

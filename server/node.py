@@ -12,6 +12,7 @@ import logging
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from server.messaging import GAME_OPS, Messaging
 from server.peers import Peers
 from server.persister import Persister
 from server.player import PlayerState, Request, parse_request
+from server.ring import HashRing
 from server.runtime import Activation, ActorRuntime
 from server.store import Store
 from server.wire import Frame, Kind
@@ -126,6 +128,7 @@ class Node:
                 "admin": [self.address.host, self.address.admin_port],
             },
             on_self_faulty=self._on_self_faulty,
+            on_ring_change=self._on_ring_change,
         )
         self.peers = Peers(
             address_of=self.membership.link_address,
@@ -144,6 +147,9 @@ class Node:
         )
         self.started_at = time.time()
         self.self_faulty_drops = 0
+        self.draining_since: float | None = None
+        self.handoffs_total = 0
+        self._tasks: set[asyncio.Task[None]] = set()
         self.metrics = NodeMetrics(self)
         self._stopping = asyncio.Event()
 
@@ -332,6 +338,85 @@ class Node:
         self.runtime.drop_all()
         log.warning("dropped all activations", extra={"actors": dropped})
 
+    # -- ring changes, drain ------------------------------------------------
+    def _on_ring_change(self, ring: HashRing) -> None:
+        if ring.members and self.draining_since is None:
+            self._spawn(self._hand_off(lambda key: ring.owner(key) != self.name))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _hand_off(self, moving: Callable[[str], bool], timeout: float = 5.0) -> int:
+        """Write the actors that now belong elsewhere at once, so their new owners load
+        fresh state; then passivate those no session holds here any more."""
+        keys = [key for key in self.runtime.actors if moving(key)]
+        if not keys:
+            return 0
+        for key in keys:
+            if self.wb.is_dirty(key):
+                self.wb.mark_dirty(key, urgent=True)
+        self.persister.kick()
+        deadline = time.monotonic() + timeout
+        while any(self.wb.is_dirty(k) for k in keys) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        handed = 0
+        for key in keys:
+            act = self.runtime.actors.get(key)
+            timed = act is not None and act.timer is not None
+            if key not in self.sessions_by_actor and moving(key) and self.runtime.passivate(key):
+                handed += 1
+                if timed:
+                    # Its deadline must keep running: wake it on its new owner.
+                    self.messaging.send(key, "game.wake", {})
+        self.handoffs_total += handed
+        log.info("handed off actors", extra={"actors": handed, "moving": len(keys)})
+        return handed
+
+    def _admin_drain(self) -> dict[str, Any]:
+        if self.draining_since is None:
+            self.draining_since = time.monotonic()
+            self._spawn(self._drain())
+        return self.status()
+
+    async def _drain(self) -> None:
+        started = time.monotonic()
+        settings = self.config.node
+        deadline = started + settings.drain_timeout_s
+        log.info("drain started", extra={"actors": len(self.runtime), "sessions": len(self.sessions)})
+        # 1. Everything in Redis while we still own it, so new owners load fresh state.
+        await self.persister.flush_all(deadline=min(deadline, started + 10))
+        # 2. Leave the ring: peers (the gateway first of all) re-pin our sessions and
+        #    route our actors' messages to their new owners; we forward what still comes.
+        await self.membership.leave(settings.leave_timeout_s)
+        # 3. Hand off: write what changed meanwhile, passivate what is released.
+        last_report = 0.0
+        while time.monotonic() < deadline:
+            await self._hand_off(lambda key: True, timeout=1.0)
+            if not self.sessions and not len(self.runtime):
+                break
+            if time.monotonic() - last_report > 1.0:
+                last_report = time.monotonic()
+                log.info(
+                    "draining",
+                    extra={"actors": len(self.runtime), "sessions": len(self.sessions)},
+                )
+            await asyncio.sleep(0.02)
+        flushed = await self.persister.flush_all(deadline=time.monotonic() + 5)
+        left = len(self.runtime)
+        self.runtime.drop_all()
+        log.info(
+            "drain finished",
+            extra={
+                "elapsed_s": round(time.monotonic() - started, 3),
+                "left_actors": left,
+                "left_sessions": len(self.sessions),
+                "flushed": flushed,
+            },
+        )
+        self._stopping.set()
+
     async def _stall_watchdog(self) -> None:
         """SWIM may tell a resumed node only of a suspicion it then refutes, never that it
         was declared faulty; our own clock tells us we were gone long enough for that."""
@@ -359,6 +444,11 @@ class Node:
         return {
             "name": self.name,
             "role": "node",
+            "state": "serving" if self.draining_since is None else "draining",
+            "drain_elapsed_s": (
+                None if self.draining_since is None else round(time.monotonic() - self.draining_since, 3)
+            ),
+            "handoffs": self.handoffs_total,
             "uptime_s": round(time.time() - self.started_at, 1),
             "actors": len(self.runtime),
             "sessions": len(self.sessions),
@@ -382,7 +472,13 @@ class Node:
         link_server = await loop.create_server(
             self._new_link, self.address.host, self.address.link_port, reuse_address=True
         )
-        routes = admin_routes(status=self.status, health=self.health, registry=self.metrics.registry)
+        routes = admin_routes(
+            status=self.status,
+            health=self.health,
+            registry=self.metrics.registry,
+            actions={"drain": self._admin_drain},
+            admin_token=self.config.admin_token,
+        )
         admin = await serve(_no_websocket, self.address.host, self.address.admin_port, process_request=routes)
         await self.membership.start()
         background = [

@@ -279,6 +279,21 @@ class ActorRuntime:
             fail(error)
         self._on_deactivated(act, stale)
 
+    def passivate(self, key: str) -> bool:
+        """Deactivate `key` if it is clean and idle right now; True if it was."""
+        act = self.actors.get(key)
+        if (
+            act is None
+            or act.state is not ActorState.ACTIVE
+            or act.pending
+            or act.busy
+            or self._wb.is_dirty(key)
+        ):
+            return False
+        self._deactivate(act, stale=False)
+        self.passivations_total += 1
+        return True
+
     def passivate_idle(self, now: float) -> int:
         """Deactivate clean actors idle past idle_timeout_s. Dirty ones wait for their flush."""
         cutoff = now - self._settings.idle_timeout_s
