@@ -1,0 +1,1013 @@
+"""Benchmark harness (`make bench`): one command, one run, every figure against a same-run baseline.
+
+    .venv/bin/python -m loadtest.bench [--quick] [--profile] [--idle-sessions N] [--json-out PATH]
+
+It starts a scratch cluster on free 127.0.0.1 ports (embedded Redis, 3 nodes, gateway; torn
+down at the end) and, as the baseline, a bare `websockets` echo server under uvloop
+(compression off). The load generator runs in its own process (`python -m loadtest.bench
+gen`, asyncio + uvloop, the same `websockets` client and the same request bytes for both
+servers) and is driven over its stdin/stdout, one JSON line per command.
+
+Figures (issue 6):
+ 1-3. closed-loop throughput, and server CPU per request at a fixed rate (CPU seconds of
+      gateway + all nodes from /proc/<pid>/stat; Redis shown apart) vs the echo's CPU per
+      message at the same rate and session count: the headline ratio (target <= 2x).
+ 4.   latency at a fixed rate over many sessions: p50 / p99 / max, echo alongside (target p99 < 2 ms).
+ 5.   memory: RSS delta per idle session at the gateway (vs the echo's per idle connection,
+      target < 20 KiB) and per idle player actor at the nodes (target < 2 KiB), and per game
+      of 8 players at the nodes.
+ 6.   write-behind: Redis commands (EVALSHA) and pipelined flushes (round trips) per 1,000
+      updates; and the compare-and-set flush path measured in this process through
+      server.store.Store against the same Redis, vs plain pipelined SETs of the same blobs
+      (target 100,000 states/s on one core).
+ 7.   cold activation: hello of a player not in memory (epoch INCR + state load) and its
+      first request, p50 / p99, vs a warm hello (actor already in memory).
+ 8.   concurrency (not with --quick): sessions at one update a second, in steps, while p99
+      stays under 50 ms (target 50,000); bounded by --max-concurrency and the time budget.
+
+The machine's cores are shared by the cluster (5 processes), the echo server and the load
+generator; the output says so. Every loop is bounded in count and time; only 127.0.0.1.
+The last line of output is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+ECHO_READY = "echo-ready"
+
+
+# -- /proc -----------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def lat_summary(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "n": len(values),
+        "p50_ms": round(pct(values, 0.50) * 1000, 3),
+        "p99_ms": round(pct(values, 0.99) * 1000, 3),
+        "max_ms": round(max(values) * 1000, 3) if values else float("nan"),
+    }
+
+
+# -- the echo baseline (its own process) --------------------------------------
+
+
+def echo_main(port: int) -> None:
+    import uvloop
+    from websockets.asyncio.server import serve
+
+    async def handler(ws: Any) -> None:
+        async for message in ws:
+            await ws.send(message)
+
+    async def main() -> None:
+        async with serve(handler, "127.0.0.1", port, compression=None, max_size=2**20):
+            print(ECHO_READY, flush=True)
+            await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
+# -- the load generator (its own process) ------------------------------------
+
+
+class Conn:
+    __slots__ = ("ws", "waiting", "reader", "ids", "player")
+
+    def __init__(self, ws: Any, player: str) -> None:
+        self.ws = ws
+        self.player = player
+        self.waiting: dict[int, tuple[float, asyncio.Future[Any] | None]] = {}
+        self.ids = 0
+        self.reader: asyncio.Task[None] | None = None
+
+
+class Generator:
+    def __init__(self) -> None:
+        self.conns: list[Conn] = []
+        self.lat: list[float] | None = None
+        self.measure_from = 0.0  # sends before this (perf_counter) are warm-up, not measured
+        self.errors = 0
+        self.answered_all = 0  # replies, warm-up included (for CPU per request)
+        self.pushes = 0
+
+    async def _read(self, conn: Conn) -> None:
+        try:
+            async for raw in conn.ws:
+                now = time.perf_counter()
+                msg = orjson.loads(raw)
+                if "ev" in msg:
+                    self.pushes += 1
+                    continue
+                entry = conn.waiting.pop(msg.get("id"), None)
+                if entry is None:
+                    continue
+                self.answered_all += 1
+                if msg.get("ok") is False:
+                    self.errors += 1
+                if self.lat is not None and entry[0] >= self.measure_from:
+                    self.lat.append(now - entry[0])
+                if entry[1] is not None and not entry[1].done():
+                    entry[1].set_result(msg)
+        except Exception:  # noqa: BLE001 - a closed socket ends the reader
+            pass
+
+    def frame(
+        self, conn: Conn, op: str = "player.update", args: dict[str, Any] | None = None
+    ) -> tuple[int, bytes]:
+        conn.ids += 1
+        if args is None:
+            args = {"set": {"position": [round(random.uniform(-100, 100), 2) for _ in range(3)]}}
+        return conn.ids, orjson.dumps({"id": conn.ids, "op": op, "args": args})
+
+    async def send(
+        self,
+        conn: Conn,
+        op: str = "player.update",
+        args: dict[str, Any] | None = None,
+        wait: bool = True,
+        timeout: float = 10.0,
+    ) -> Any:
+        rid, data = self.frame(conn, op, args)
+        future = asyncio.get_running_loop().create_future() if wait else None
+        conn.waiting[rid] = (time.perf_counter(), future)
+        await conn.ws.send(data, text=True)
+        if future is None:
+            return None
+        return await asyncio.wait_for(future, timeout)
+
+    async def open_one(self, url: str, secret: str | None, player: str, update: bool) -> tuple[float, float]:
+        from websockets.asyncio.client import connect
+
+        from server.tokens import mint
+
+        t0 = time.perf_counter()
+        ws = await connect(url, compression=None, open_timeout=15, max_size=2**20, ping_interval=None)
+        if secret is not None:
+            token = mint(secret.encode(), player, expires_at=int(time.time()) + 3600)
+            await ws.send(orjson.dumps({"op": "hello", "token": token}), text=True)
+            welcome = orjson.loads(await asyncio.wait_for(ws.recv(decode=False), 15))
+            if welcome.get("op") != "welcome":
+                await ws.close()
+                raise RuntimeError(f"hello refused: {welcome}")
+        hello = time.perf_counter() - t0
+        conn = Conn(ws, player)
+        conn.reader = asyncio.get_running_loop().create_task(self._read(conn))
+        self.conns.append(conn)
+        first = float("nan")
+        if update:
+            t1 = time.perf_counter()
+            reply = await self.send(conn)
+            if not reply.get("ok"):
+                raise RuntimeError(f"first update failed: {reply}")
+            first = time.perf_counter() - t1
+        return hello, first
+
+    async def cmd_open(self, c: dict[str, Any]) -> dict[str, Any]:
+        sem = asyncio.Semaphore(c.get("concurrency", 50))
+        hellos: list[float] = []
+        firsts: list[float] = []
+        failed: list[str] = []
+        deadline = time.monotonic() + c.get("timeout", 120)
+
+        async def one(player: str) -> None:
+            async with sem:
+                if time.monotonic() > deadline:
+                    failed.append("time budget")
+                    return
+                try:
+                    h, f = await self.open_one(c["url"], c.get("secret"), player, c.get("update", False))
+                    hellos.append(h)
+                    firsts.append(f)
+                except Exception as exc:  # noqa: BLE001
+                    failed.append(repr(exc)[:200])
+
+        await asyncio.gather(*(one(p) for p in c["players"]))
+        return {
+            "opened": len(hellos),
+            "failed": len(failed),
+            "first_error": failed[0] if failed else None,
+            "hello": lat_summary(hellos),
+            "first": lat_summary([f for f in firsts if f == f]),
+            "total_open": len(self.conns),
+        }
+
+    async def cmd_closed(self, c: dict[str, Any]) -> dict[str, Any]:
+        conns = self.conns[: c.get("conns", len(self.conns))]
+        self.lat, self.errors = [], 0
+        stop = time.monotonic() + c["seconds"]
+
+        async def loop(conn: Conn) -> None:
+            while time.monotonic() < stop:
+                await self.send(conn)
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(loop(x) for x in conns), return_exceptions=True)
+        elapsed = time.perf_counter() - t0
+        lat, self.lat = self.lat, None
+        return {
+            "requests": len(lat),
+            "seconds": elapsed,
+            "rps": len(lat) / elapsed,
+            "errors": self.errors + sum(isinstance(r, Exception) for r in results),
+            "lat": lat_summary(lat),
+        }
+
+    async def cmd_rate(self, c: dict[str, Any]) -> dict[str, Any]:
+        conns = self.conns[: c.get("conns", len(self.conns))]
+        rate, seconds = c["rate"], c["seconds"]
+        per_conn = rate / len(conns)
+        interval = 1.0 / per_conn
+        warmup = c.get("warmup", 1.0)
+        self.lat, self.errors, self.answered_all = [], 0, 0
+        sent = 0
+        behind = 0
+        t_start = time.perf_counter() + 0.05
+        self.measure_from = t_start + warmup
+        t_end = self.measure_from + seconds
+        gc.disable()
+
+        async def loop(conn: Conn) -> None:
+            nonlocal sent, behind
+            next_at = t_start + random.uniform(0, interval)
+            while next_at < t_end:
+                delay = next_at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                elif delay < -0.05 and next_at >= self.measure_from:
+                    behind += 1
+                if len(conn.waiting) < 256:  # bound in-flight per connection
+                    await self.send(conn, wait=False)
+                    sent += next_at >= self.measure_from
+                next_at += interval
+
+        results = await asyncio.gather(*(loop(x) for x in conns), return_exceptions=True)
+        drain_until = time.monotonic() + 5
+        while any(x.waiting for x in conns) and time.monotonic() < drain_until:
+            await asyncio.sleep(0.01)
+        elapsed = time.perf_counter() - self.measure_from
+        lat, self.lat = self.lat, None
+        self.measure_from = 0.0
+        gc.enable()
+        lost = sum(len(x.waiting) for x in conns)
+        for x in conns:
+            x.waiting.clear()
+        return {
+            "sent": sent,
+            "answered": len(lat),
+            "answered_all": self.answered_all,
+            "unanswered": lost,
+            "achieved_rps": len(lat) / seconds,
+            "seconds": elapsed,
+            "late_sends": behind,
+            "errors": self.errors + sum(isinstance(r, Exception) for r in results),
+            "lat": lat_summary(lat),
+        }
+
+    async def cmd_games(self, c: dict[str, Any]) -> dict[str, Any]:
+        size = c["size"]
+        conns = self.conns[c.get("start", 0) :]
+        created = joined = failed = 0
+        sem = asyncio.Semaphore(20)
+
+        async def group(members: list[Conn]) -> None:
+            nonlocal created, joined, failed
+            async with sem:
+                reply = await self.send(members[0], "game.create", {"mode": "bench", "max_players": size})
+                if not reply.get("ok"):
+                    failed += 1
+                    return
+                created += 1
+                game = reply["result"]["game"]
+                for m in members[1:]:
+                    r = await self.send(m, "game.join", {"game": game})
+                    joined += bool(r.get("ok"))
+                    failed += not r.get("ok")
+
+        groups = [conns[i : i + size] for i in range(0, len(conns) - size + 1, size)]
+        await asyncio.gather(*(group(g) for g in groups))
+        return {"games": created, "joined": joined, "failed": failed}
+
+    async def cmd_close(self, c: dict[str, Any]) -> dict[str, Any]:
+        conns, self.conns = self.conns, []
+
+        async def close(x: Conn) -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(x.ws.close(), 5)
+            if x.reader is not None:
+                x.reader.cancel()
+
+        for i in range(0, len(conns), 500):
+            await asyncio.gather(*(close(x) for x in conns[i : i + 500]))
+        return {"closed": len(conns)}
+
+
+def gen_main() -> None:
+    import uvloop
+
+    async def main() -> None:
+        gen = Generator()
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=2**26)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while True:
+            line = await reader.readline()
+            if not line:
+                return
+            c = json.loads(line)
+            if c["cmd"] == "quit":
+                print(json.dumps({"ok": True}), flush=True)
+                return
+            try:
+                out = await getattr(gen, f"cmd_{c['cmd']}")(c)
+                out["ok"] = True
+            except Exception as exc:  # noqa: BLE001
+                out = {"ok": False, "error": repr(exc)[:500]}
+            print(json.dumps(out), flush=True)
+
+    uvloop.run(main())
+
+
+# -- the driver --------------------------------------------------------------
+
+
+class GenProcess:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "loadtest.bench", "gen"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+
+    def __call__(self, cmd: str, **kw: Any) -> dict[str, Any]:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"load generator exited during {cmd}")
+        out = json.loads(line)
+        if not out.get("ok"):
+            raise RuntimeError(f"load generator {cmd}: {out.get('error')}")
+        return out
+
+    def stop(self) -> None:
+        try:
+            self("quit")
+            self.proc.wait(5)
+        except Exception:  # noqa: BLE001
+            self.proc.kill()
+
+
+def players(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}{i}" for i in range(n)]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def redis_counts(client: Any) -> dict[str, int]:
+    stats = client.info("commandstats")
+    info = client.info("stats")
+    return {
+        "evalsha": int(stats.get("cmdstat_evalsha", {}).get("calls", 0)),
+        "eval": int(stats.get("cmdstat_eval", {}).get("calls", 0)),
+        "total": int(info["total_commands_processed"]),
+        # Socket read events: one per pipelined batch that fits the 16 KiB query buffer read,
+        # a few for a larger one. An upper bound on round trips (Redis 6+).
+        "reads": int(info.get("total_reads_processed", 0)),
+    }
+
+
+def flush_counts(cluster: Any, names: Sequence[str]) -> int:
+    """Pipelined flushes (one Redis round trip each) so far, summed over the nodes."""
+    import urllib.request
+
+    total = 0
+    for name in names:
+        try:
+            with urllib.request.urlopen(cluster.admin_url(name) + "/metrics", timeout=2) as resp:
+                for line in resp.read().decode().splitlines():
+                    if line.startswith("ringside_node_flush_seconds_count"):
+                        total += int(float(line.split()[-1]))
+        except OSError:
+            pass
+    return total
+
+
+async def flush_bench(url: str, states: int, batch: int) -> dict[str, Any]:
+    """The CAS write path (server.store.Store.write_batch) vs plain pipelined SETs, same blobs."""
+    import redis.asyncio as aioredis
+
+    from server.store import Store, Write, epoch_key
+
+    store = Store(url)
+    plain = aioredis.Redis.from_url(url)
+    keys = [f"player:flushbench{i}" for i in range(states)]
+    blob = orjson.dumps(
+        {
+            "name": "p",
+            "xp": 12345,
+            "level": 3,
+            "position": [1.5, 2.5, 3.5],
+            "inventory": ["sword"],
+            "stats": {"hp": 100},
+            "applied_seq": 42,
+            "games": {},
+        }
+    )
+    async with plain.pipeline(transaction=False) as pipe:
+        for k in keys:
+            pipe.set(epoch_key(k), 1)
+        await pipe.execute()
+    writes = [Write(k, 1, blob) for k in keys]
+
+    async def timed(fn: Any) -> tuple[float, float]:
+        w0, c0 = time.perf_counter(), time.process_time()
+        for i in range(0, states, batch):
+            await fn(writes[i : i + batch])
+        return time.perf_counter() - w0, time.process_time() - c0
+
+    async def cas(chunk: list[Write]) -> None:
+        ok = await store.write_batch(chunk)
+        assert all(ok)
+
+    async def sets(chunk: list[Write]) -> None:
+        async with plain.pipeline(transaction=False) as pipe:
+            for w in chunk:
+                pipe.set(f"rs:{{{w.key}}}:plain", w.blob)
+            await pipe.execute()
+
+    await cas(writes[:batch])  # load the script, warm up
+    cas_wall, cas_cpu = await timed(cas)
+    set_wall, set_cpu = await timed(sets)
+    await store.close()
+    await plain.aclose()
+    return {
+        "states": states,
+        "batch": batch,
+        "cas_states_per_s_wall": states / cas_wall,
+        "cas_states_per_cpu_s": states / cas_cpu,
+        "set_states_per_s_wall": states / set_wall,
+        "set_states_per_cpu_s": states / set_cpu,
+    }
+
+
+def profile_top(raw_path: Path, top: int = 12) -> dict[str, list[tuple[str, float]]]:
+    """From py-spy's collapsed output: self-time shares (leaf frames), and inclusive shares
+    of this project's functions (server/, gateway/)."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    try:
+        text = raw_path.read_text()
+    except OSError:
+        return {}
+    for line in text.splitlines():
+        stack, _, n_text = line.rpartition(" ")
+        if not stack or not n_text.isdigit():
+            continue
+        n = int(n_text)
+        frames = stack.split(";")
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for fn in {f.rsplit(":", 1)[0] + ")" if ":" in f else f for f in frames}:
+            if "server/" in fn or "gateway/" in fn:
+                incl[fn] = incl.get(fn, 0) + n
+        total += n
+    if not total:
+        return {}
+    return {
+        "self": [(k, v / total) for k, v in sorted(own.items(), key=lambda kv: -kv[1])[:top]],
+        "inclusive": [(k, v / total) for k, v in sorted(incl.items(), key=lambda kv: -kv[1])[:top]],
+    }
+
+
+def start_profilers(
+    pids: dict[str, int], seconds: float, out: Path
+) -> list[tuple[str, subprocess.Popen[bytes]]]:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        log("  py-spy not installed (.venv/bin/pip install py-spy): no profile")
+        return []
+    procs = []
+    for name, pid in pids.items():
+        path = out / f"profile-{name}.txt"
+        procs.append(
+            (
+                name,
+                subprocess.Popen(
+                    [
+                        spy,
+                        "record",
+                        "-p",
+                        str(pid),
+                        "-d",
+                        str(int(seconds)),
+                        "-r",
+                        "200",
+                        "--format",
+                        "raw",
+                        "-o",
+                        str(path),
+                        "--nonblocking",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                ),
+            )
+        )
+    return procs
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import redis
+
+    from loadtest.harness import write_config
+    from server.cluster import LocalCluster
+    from server.config import load_config
+
+    quick = args.quick
+    phase_s = 3.0 if quick else 8.0
+    closed_s = 3.0 if quick else 5.0
+    idle_n = args.idle_sessions or (2000 if quick else 5000)
+    games_n = 50 if quick else 250
+    cold_n = 200 if quick else 500
+    fixed_sessions, fixed_rate = 200, 2000
+    lat_sessions, lat_rate = (500, 2500) if quick else (1000, 5000)
+    flush_states = 20_000 if quick else 100_000
+
+    started = time.monotonic()
+    out: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "command": " ".join([".venv/bin/python", "-m", "loadtest.bench", *sys.argv[1:]]),
+        "nproc": os.cpu_count(),
+        "mem_total_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "load_avg_at_start": os.getloadavg(),
+        "quick": quick,
+    }
+    workdir = Path(tempfile.mkdtemp(prefix="ringside-bench-"))
+    config_path = write_config(workdir, extra="[gateway]\nmax_sessions = 30000\n")
+    config = load_config(config_path, env={})
+    cluster = LocalCluster(config, str(config_path), progress=lambda m: log("  " + m))
+    from loadtest.harness import free_ports
+
+    echo_port = free_ports(1)[0]
+    echo = subprocess.Popen(
+        [sys.executable, "-m", "loadtest.bench", "echo", str(echo_port)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    gen: GenProcess | None = None
+    try:
+        assert echo.stdout is not None
+        if echo.stdout.readline().strip() != ECHO_READY:
+            raise RuntimeError("echo server did not start")
+        log("starting the scratch cluster")
+        cluster.up()
+        gen = GenProcess()
+        pids = {name: cluster.pid(name) for name in ["gateway", *config.node_names, "redis"]}
+        server_names = ["gateway", *config.node_names]
+        rds = redis.Redis.from_url(config.redis.effective_url)
+        secret = config.secret
+        g = config.gateway
+        url = f"ws://{g.host}:{g.port}/ws"
+        echo_url = f"ws://127.0.0.1:{echo_port}/"
+
+        def cpu(names: Sequence[str]) -> float:
+            return sum(cpu_seconds(pids[n]) for n in names)  # type: ignore[arg-type]
+
+        # -- 5: memory (first, on fresh processes: no freed memory to reuse) ----------
+        log(f"memory: {idle_n} idle echo connections")
+        m0 = rss_kib(echo.pid)
+        r = gen("open", url=echo_url, players=players("ei", idle_n), concurrency=100)
+        time.sleep(1.0)
+        echo_kib = (rss_kib(echo.pid) - m0) / max(1, r["opened"])
+        gen("close")
+        log(f"memory: {idle_n} idle sessions (hello and one update each)")
+        time.sleep(0.5)
+        m0 = {n: rss_kib(pids[n]) for n in server_names}  # type: ignore[arg-type]
+        r = gen("open", url=url, secret=secret, players=players("idle", idle_n), update=True, concurrency=100)
+        time.sleep(1.5)
+        m1 = {n: rss_kib(pids[n]) for n in server_names}  # type: ignore[arg-type]
+        opened = max(1, r["opened"])
+        out["memory"] = {
+            "idle_sessions": r["opened"],
+            "open_failed": r["failed"],
+            "echo_kib_per_conn": echo_kib,
+            "gateway_kib_per_session": (m1["gateway"] - m0["gateway"]) / opened,
+            "node_kib_per_player": sum(m1[n] - m0[n] for n in config.node_names) / opened,
+        }
+        # Games on top of the idle sessions (still open), so no freed memory is reused.
+        log(f"memory: {games_n} games of 8 players")
+        m0 = {n: rss_kib(pids[n]) for n in config.node_names}  # type: ignore[arg-type]
+        gen("open", url=url, secret=secret, players=players("gm", games_n * 8), update=True, concurrency=100)
+        m_players = {n: rss_kib(pids[n]) for n in config.node_names}  # type: ignore[arg-type]
+        gres = gen("games", size=8, start=r["total_open"])
+        time.sleep(1.0)
+        m1 = {n: rss_kib(pids[n]) for n in config.node_names}  # type: ignore[arg-type]
+        games = max(1, gres["games"])
+        out["memory"].update(
+            games=gres["games"],
+            games_failed=gres["failed"],
+            node_kib_per_game_of_8=sum(m1[n] - m0[n] for n in config.node_names) / games,
+            node_kib_per_game_actor=sum(m1[n] - m_players[n] for n in config.node_names) / games,
+        )
+        gen("close")
+        time.sleep(0.5)
+
+        # -- 1-4: echo baseline -------------------------------------------------
+        log(f"echo baseline: {fixed_sessions} connections")
+        gen("open", url=echo_url, players=players("e", fixed_sessions))
+        e_closed = gen("closed", seconds=closed_s)
+        c0 = cpu_seconds(echo.pid)
+        e_fixed = gen("rate", rate=fixed_rate, seconds=phase_s)
+        e_cpu = cpu_seconds(echo.pid) - c0
+        gen("open", url=echo_url, players=players("e2-", lat_sessions - fixed_sessions))
+        e_lat = gen("rate", rate=lat_rate, seconds=phase_s)
+        gen("close")
+        out["echo"] = {
+            "closed": e_closed,
+            "fixed": e_fixed,
+            "cpu_us_per_msg": e_cpu / max(1, e_fixed["answered_all"]) * 1e6,
+            "latency": e_lat,
+        }
+
+        # -- 1-4, 6: Ringside -------------------------------------------------
+        log(f"ringside: {fixed_sessions} sessions")
+        gen("open", url=url, secret=secret, players=players("hot", fixed_sessions), update=True)
+        r_closed = gen("closed", seconds=closed_s)
+        time.sleep(0.5)
+        c0 = {n: cpu_seconds(pids[n]) for n in [*server_names, "redis"]}  # type: ignore[arg-type]
+        rc0 = redis_counts(rds)
+        f0 = flush_counts(cluster, config.node_names)
+        profilers = (
+            start_profilers(
+                {"gateway": pids["gateway"], "n1": pids["n1"]},
+                phase_s,
+                workdir,  # type: ignore[dict-item]
+            )
+            if args.profile
+            else []
+        )
+        r_fixed = gen("rate", rate=fixed_rate, seconds=phase_s)
+        c1 = {n: cpu_seconds(pids[n]) for n in [*server_names, "redis"]}  # type: ignore[arg-type]
+        time.sleep(0.3)  # the last flush
+        rc1 = redis_counts(rds)
+        f1 = flush_counts(cluster, config.node_names)
+        answered = max(1, r_fixed["answered_all"])
+        per = {n: (c1[n] - c0[n]) / answered * 1e6 for n in c0}
+        server_us = sum(per[n] for n in server_names)
+        out["ringside"] = {
+            "closed": r_closed,
+            "fixed": r_fixed,
+            "cpu_us_per_req": per,
+            "cpu_us_per_req_server": server_us,
+        }
+        out["write_behind"] = {
+            "evalsha_per_1000": (rc1["evalsha"] + rc1["eval"] - rc0["evalsha"] - rc0["eval"])
+            / answered
+            * 1000,
+            "redis_commands_per_1000": (rc1["total"] - rc0["total"]) / answered * 1000,
+            "redis_reads_per_1000": (rc1["reads"] - rc0["reads"]) / answered * 1000,
+            "flush_histogram_count_per_1000": (f1 - f0) / answered * 1000,
+        }
+        for name, proc in profilers:
+            try:
+                proc.wait(phase_s + 15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            out.setdefault("profile", {})[name] = profile_top(workdir / f"profile-{name}.txt")
+        gen(
+            "open",
+            url=url,
+            secret=secret,
+            players=players("hot2-", lat_sessions - fixed_sessions),
+            update=True,
+        )
+        out["ringside"]["latency"] = gen("rate", rate=lat_rate, seconds=phase_s)
+        gen("close")
+
+        # -- 7: cold activation vs warm ---------------------------------------
+        log(f"cold activation: {cold_n} players not in memory")
+        cold = gen(
+            "open", url=url, secret=secret, players=players("cold", cold_n), update=True, concurrency=4
+        )
+        gen("close")
+        time.sleep(0.3)
+        warm = gen(
+            "open", url=url, secret=secret, players=players("cold", cold_n), update=True, concurrency=4
+        )
+        gen("close")
+        out["activation"] = {"cold": cold, "warm": warm}
+
+        # -- 6: the CAS flush path ------------------------------------------------
+        log(f"flush path: {flush_states} states through the CAS script vs plain SETs")
+        out["flush"] = asyncio.run(
+            flush_bench(config.redis.effective_url, flush_states, config.node.flush_batch_max)
+        )
+
+        # -- 8: concurrency -------------------------------------------------------
+        if not quick and args.max_concurrency > 0:
+            steps, held = [], 0
+            n_open = 0
+            step = 1000
+            budget = time.monotonic() + args.concurrency_budget_s
+            while n_open < args.max_concurrency and time.monotonic() < budget:
+                target = min(args.max_concurrency, max(step, n_open * 2))
+                log(f"concurrency: {target} sessions at 1 update/s")
+                r = gen(
+                    "open",
+                    url=url,
+                    secret=secret,
+                    players=players(f"cc{n_open}-", target - n_open),
+                    concurrency=200,
+                    timeout=max(5.0, budget - time.monotonic()),
+                )
+                n_open = r["total_open"]
+                if r["failed"]:
+                    steps.append({"sessions": n_open, "open_failed": r["failed"], "error": r["first_error"]})
+                    break
+                res = gen("rate", rate=float(n_open), seconds=phase_s)
+                steps.append(
+                    {
+                        "sessions": n_open,
+                        **res["lat"],
+                        "achieved_rps": res["achieved_rps"],
+                        "late_sends": res["late_sends"],
+                    }
+                )
+                if res["lat"]["p99_ms"] >= 50 or res["unanswered"]:
+                    break
+                held = n_open
+            gen("close")
+            out["concurrency"] = {"steps": steps, "held_p99_under_50ms": held}
+        out["elapsed_s"] = round(time.monotonic() - started, 1)
+        return out
+    finally:
+        if gen is not None:
+            gen.stop()
+        echo.send_signal(signal.SIGTERM)
+        try:
+            echo.wait(5)
+        except subprocess.TimeoutExpired:
+            echo.kill()
+        try:
+            cluster.down()
+        except Exception as exc:  # noqa: BLE001
+            log(f"cluster teardown: {exc}")
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+def table(r: dict[str, Any]) -> str:
+    e, s, m, f, wb, act = (
+        r["echo"],
+        r["ringside"],
+        r["memory"],
+        r["flush"],
+        r["write_behind"],
+        r["activation"],
+    )
+    rows: list[tuple[str, str, str, str, str]] = []
+    rows.append(
+        (
+            "closed loop, 200 sessions (req/s)",
+            f"{s['closed']['rps']:,.0f}",
+            f"{e['closed']['rps']:,.0f}",
+            ratio(s["closed"]["rps"], e["closed"]["rps"]),
+            "",
+        )
+    )
+    rows.append(
+        (
+            "server CPU per request at 2,000/s, 200 sessions (us)",
+            f"{s['cpu_us_per_req_server']:.1f}",
+            f"{e['cpu_us_per_msg']:.1f}",
+            ratio(s["cpu_us_per_req_server"], e["cpu_us_per_msg"]),
+            "<= 2x",
+        )
+    )
+    per = s["cpu_us_per_req"]
+    rows.append(
+        (
+            "  of which gateway / nodes / (Redis, apart) (us)",
+            f"{per['gateway']:.1f} / {sum(v for k, v in per.items() if k.startswith('n')):.1f} / "
+            f"({per['redis']:.1f})",
+            "",
+            "",
+            "",
+        )
+    )
+    rows.append(
+        (
+            "  incl. Redis (us)",
+            f"{s['cpu_us_per_req_server'] + per['redis']:.1f}",
+            f"{e['cpu_us_per_msg']:.1f}",
+            ratio(s["cpu_us_per_req_server"] + per["redis"], e["cpu_us_per_msg"]),
+            "",
+        )
+    )
+    for label, key in (("p50", "p50_ms"), ("p99", "p99_ms"), ("max", "max_ms")):
+        a, b = s["latency"]["lat"][key], e["latency"]["lat"][key]
+        rows.append(
+            (
+                f"latency {label} at {s['latency']['sent'] / max(1e-9, s['latency']['seconds']):,.0f}/s "
+                f"requested (ms)",
+                f"{a:.2f}",
+                f"{b:.2f}",
+                ratio(a, b),
+                "p99 < 2 ms" if label == "p99" else "",
+            )
+        )
+    rows.append(
+        (
+            "  achieved rate (answered/s)",
+            f"{s['latency']['achieved_rps']:,.0f}",
+            f"{e['latency']['achieved_rps']:,.0f}",
+            "",
+            "",
+        )
+    )
+    rows.append(
+        (
+            f"memory per idle session, gateway ({m['idle_sessions']:,}) (KiB)",
+            f"{m['gateway_kib_per_session']:.1f}",
+            f"{m['echo_kib_per_conn']:.1f}",
+            ratio(m["gateway_kib_per_session"], m["echo_kib_per_conn"]),
+            "< 20 KiB",
+        )
+    )
+    rows.append(
+        ("memory per idle player actor, nodes (KiB)", f"{m['node_kib_per_player']:.2f}", "", "", "< 2 KiB")
+    )
+    rows.append(
+        (
+            f"memory per game of 8 players, nodes ({m['games']} games) (KiB)",
+            f"{m['node_kib_per_game_of_8']:.1f}",
+            "",
+            "",
+            "",
+        )
+    )
+    rows.append(
+        ("  of which the game actor and memberships (KiB)", f"{m['node_kib_per_game_actor']:.1f}", "", "", "")
+    )
+    rows.append(("write-behind: EVALSHA per 1,000 updates", f"{wb['evalsha_per_1000']:.0f}", "", "", ""))
+    rows.append(
+        (
+            "write-behind: Redis socket reads (~round trips) per 1,000 updates",
+            f"{wb['redis_reads_per_1000']:.1f}",
+            "",
+            "",
+            "",
+        )
+    )
+    rows.append(
+        (
+            "flush path: CAS states/s per client CPU core",
+            f"{f['cas_states_per_cpu_s']:,.0f}",
+            f"{f['set_states_per_cpu_s']:,.0f}",
+            ratio(f["cas_states_per_cpu_s"], f["set_states_per_cpu_s"]),
+            ">= 100,000",
+        )
+    )
+    rows.append(
+        (
+            "  CAS states/s wall (Redis included)",
+            f"{f['cas_states_per_s_wall']:,.0f}",
+            f"{f['set_states_per_s_wall']:,.0f}",
+            ratio(f["cas_states_per_s_wall"], f["set_states_per_s_wall"]),
+            "",
+        )
+    )
+    for label, key in (("p50", "p50_ms"), ("p99", "p99_ms")):
+        rows.append(
+            (
+                f"cold activation (hello) {label} (ms)",
+                f"{act['cold']['hello'][key]:.2f}",
+                f"{act['warm']['hello'][key]:.2f}",
+                ratio(act["cold"]["hello"][key], act["warm"]["hello"][key]),
+                "",
+            )
+        )
+        rows.append(
+            (
+                f"  first request after a cold hello {label} (ms)",
+                f"{act['cold']['first'][key]:.2f}",
+                f"{act['warm']['first'][key]:.2f}",
+                "",
+                "",
+            )
+        )
+    if "concurrency" in r:
+        c = r["concurrency"]
+        rows.append(
+            (
+                "concurrency: sessions at 1 update/s with p99 < 50 ms",
+                f"{c['held_p99_under_50ms']:,}",
+                "",
+                ratio(c["held_p99_under_50ms"], 50_000) + " of target",
+                ">= 50,000",
+            )
+        )
+    head = ("figure", "ringside", "baseline", "ratio", "target")
+    widths = [max(len(row[i]) for row in [*rows, head]) for i in range(5)]
+    lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    lines.append("-|-".join("-" * w for w in widths))
+    lines += [" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gen"]:
+        gen_main()
+        return 0
+    if argv[:1] == ["echo"]:
+        echo_main(int(argv[1]))
+        return 0
+    p = argparse.ArgumentParser(
+        prog="loadtest.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="about a minute: shorter phases, fewer sessions")
+    p.add_argument(
+        "--profile", action="store_true", help="py-spy the gateway and n1 during the fixed-rate phase"
+    )
+    p.add_argument("--idle-sessions", type=int, default=0, help="idle sessions for the memory figures")
+    p.add_argument(
+        "--max-concurrency", type=int, default=8000, help="bound of the concurrency steps (0: skip)"
+    )
+    p.add_argument("--concurrency-budget-s", type=float, default=60.0)
+    p.add_argument("--json-out", default="", help="also write the JSON figures to this file")
+    args = p.parse_args(argv)
+    log(
+        f"Ringside benchmark: {os.cpu_count()} cores shared by the cluster (Redis, 3 nodes, gateway), "
+        "the echo server and the load generator; figures are for this machine as a whole."
+    )
+    result = run(args)
+    print(
+        f"machine: {result['nproc']} cores, {result['mem_total_gib']} GiB, load average at start "
+        f"{', '.join(f'{x:.2f}' for x in result['load_avg_at_start'])}; {result['date']}; "
+        f"{result['elapsed_s']} s"
+    )
+    print("cores are shared by the cluster (5 processes), the echo baseline and the load generator")
+    print(table(result))
+    for name, prof in result.get("profile", {}).items():
+        for kind in ("self", "inclusive"):
+            print(f"\nprofile {name}: {kind} time share (py-spy, fixed-rate phase):")
+            for fn, share in prof.get(kind, []):
+                print(f"  {share * 100:5.1f}%  {fn}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, default=str) + "\n")
+    print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
