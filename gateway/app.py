@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from gateway.session import Session, SessionState
+from gateway.session import PushVerdict, Session, SessionState
 from server.admin import admin_routes
 from server.config import ClusterConfig
 from server.errors import CloseCode
@@ -33,6 +33,8 @@ from server.tokens import TokenError, verify
 from server.wire import Frame, Kind
 
 log = logging.getLogger("ringside.gateway")
+
+FILL_RETRY_S = 0.25  # ask again if a gap persists this long
 
 
 class HelloRefused(Exception):
@@ -46,7 +48,18 @@ class HelloRefused(Exception):
 class ClientSession:
     """The asyncio side of one session: its socket, outbound queue and waiters."""
 
-    __slots__ = ("core", "ws", "outbound", "writer", "attached", "space", "close_code", "_on_close")
+    __slots__ = (
+        "core",
+        "ws",
+        "outbound",
+        "writer",
+        "attached",
+        "space",
+        "close_code",
+        "_on_close",
+        "fills",
+        "fill_sent_at",
+    )
 
     def __init__(
         self,
@@ -64,6 +77,8 @@ class ClientSession:
         self.space.set()
         self.close_code: CloseCode | None = None
         self._on_close = on_close
+        self.fills: dict[int, int] = {}  # stream -> seq a fill was asked from
+        self.fill_sent_at = 0.0
 
     def push(self, payload: bytes) -> None:
         try:
@@ -95,6 +110,7 @@ class GatewayMetrics:
         self.registry = r = CollectorRegistry()
         self.closes = Counter("ringside_gateway_closes", "Client sockets closed", ["code"], registry=r)
         self.hellos = Counter("ringside_gateway_hellos", "Hello attempts", ["result"], registry=r)
+        self.fills = Counter("ringside_gateway_fills", "Gap fills asked of owners", registry=r)
         self.replayed = Counter(
             "ringside_gateway_replayed_requests", "Requests replayed to a new owner", registry=r
         )
@@ -245,8 +261,11 @@ class Gateway:
                 if core.has_space:
                     cs.space.set()
             elif kind is Kind.PUSH:
-                if core.on_push(frame.aux, frame.seq):
+                verdict = core.on_push(frame.aux, frame.seq)
+                if verdict is PushVerdict.DELIVER:
                     cs.push(frame.payload)
+                elif verdict is PushVerdict.GAP:
+                    self._request_fill(cs, link, frame.aux)
             elif kind is Kind.DURABLE:
                 core.on_durable(frame.seq)
                 if core.has_space:
@@ -259,6 +278,16 @@ class Gateway:
                     self._reattach(cs)
             elif kind is Kind.ERROR:
                 self._on_attach_error(cs, frame)
+
+    def _request_fill(self, cs: ClientSession, link: Link, stream: int) -> None:
+        now = time.monotonic()
+        last = cs.core.last_pushed(stream)
+        if cs.fills.get(stream) == last and now - cs.fill_sent_at < FILL_RETRY_S:
+            return  # a fill from there is under way
+        cs.fills[stream] = last
+        cs.fill_sent_at = now
+        self.metrics.fills.inc()
+        link.send(Kind.FILL, cs.core.id, last, stream)
 
     def _on_attached(self, cs: ClientSession, link: Link, frame: Frame) -> None:
         core = cs.core

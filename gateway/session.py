@@ -28,6 +28,12 @@ TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
 }
 
 
+class PushVerdict(enum.Enum):
+    DELIVER = "deliver"
+    DUPLICATE = "duplicate"
+    GAP = "gap"  # an event is missing before this one: do not deliver, ask for a fill
+
+
 class ReplayFull(Exception):
     """The replay buffer holds max_replay requests; the caller must wait."""
 
@@ -123,18 +129,24 @@ class Session:
         while buf and buf[0][0] <= done:
             buf.popleft()
 
-    def on_push(self, stream: int, seq: int, max_streams: int = 64) -> bool:
-        """A pushed event; True if the client has not had it (owners may send one twice
-        across a failover). Stream 0 carries notices that are never deduplicated."""
+    def on_push(self, stream: int, seq: int, max_streams: int = 64) -> PushVerdict:
+        """Judge a pushed event. Owners may push one twice (across a failover) or, after a
+        move, skip some the client never got: then the session asks its owner to FILL
+        from the last one delivered. Stream 0 carries notices, never deduplicated."""
         if stream == 0:
-            return True
-        last = self._streams.get(stream, 0)
-        if seq <= last:
-            return False
-        if stream not in self._streams and len(self._streams) >= max_streams:
+            return PushVerdict.DELIVER
+        last = self._streams.get(stream)
+        if last is not None and seq <= last:
+            return PushVerdict.DUPLICATE
+        if last is not None and seq > last + 1:
+            return PushVerdict.GAP
+        if last is None and len(self._streams) >= max_streams:
             del self._streams[next(iter(self._streams))]
         self._streams[stream] = seq
-        return True
+        return PushVerdict.DELIVER
+
+    def last_pushed(self, stream: int) -> int:
+        return self._streams.get(stream, 0)
 
     def close(self) -> None:
         if self.state is not SessionState.CLOSED:

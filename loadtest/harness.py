@@ -18,8 +18,9 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def write_config(directory: Path, *, nodes: int = 3, extra: str = "") -> Path:
-    ports = free_ports(3 + 3 * nodes)
+def write_config(directory: Path, *, nodes: int = 3, standby: int = 0, extra: str = "") -> Path:
+    """A cluster of `nodes` (n1..) plus `standby` nodes that `up` does not start."""
+    ports = free_ports(3 + 3 * (nodes + standby))
     lines = [
         "[cluster]",
         'secret = "test-secret"',
@@ -45,7 +46,7 @@ def write_config(directory: Path, *, nodes: int = 3, extra: str = "") -> Path:
         lines += extra_sections.pop("[gateway]")
     for header, body in extra_sections.items():
         lines += [header, *body]
-    for i in range(nodes):
+    for i in range(nodes + standby):
         link, admin, gossip = ports[3 + 3 * i : 6 + 3 * i]
         lines += [
             "[[nodes]]",
@@ -53,6 +54,7 @@ def write_config(directory: Path, *, nodes: int = 3, extra: str = "") -> Path:
             f"link_port = {link}",
             f"admin_port = {admin}",
             f"gossip_port = {gossip}",
+            f"standby = {'true' if i >= nodes else 'false'}",
         ]
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "cluster.toml"

@@ -326,6 +326,18 @@ class Messaging:
         frame = orjson.dumps({"ev": "game.event", "data": data})
         self._push(act.key, data["seq"], stream_id(data["game"]), frame)
 
+    def fill_work(self, *, stream: int, after: int) -> Callable[[Activation], Any]:
+        """The gateway says the client has a game's events up to `after` only."""
+
+        def work(act: Activation) -> Any:
+            for game_id, last in act.player.games.items():
+                if stream_id(game_id) == stream:
+                    act.player.games[game_id] = min(last, after)
+                    return self._sync(act, game_id)
+            return None
+
+        return work
+
     async def _sync(self, act: Activation, game_id: str) -> None:
         """Push every event of `game_id` after the last one this player got, in order."""
         last = act.player.games.get(game_id)

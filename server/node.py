@@ -181,6 +181,8 @@ class Node:
                     self.messaging.on_peer_frame(link, frame)
                 elif kind is Kind.DETACH:
                     self._detach(frame.session)
+                elif kind is Kind.FILL:
+                    self._on_fill(frame)
                 else:
                     log.warning("unexpected frame from gateway", extra={"kind": kind.name})
             except Exception:
@@ -215,6 +217,12 @@ class Node:
             self.runtime.attach(actor, attached, failed)
         except RingsideError as exc:
             failed(exc)
+
+    def _on_fill(self, frame: Frame) -> None:
+        session = self.sessions.get(frame.session)
+        if session is not None:
+            fill = self.messaging.fill_work(stream=frame.aux, after=frame.seq)
+            self.runtime.deliver(session.actor, fill, lambda error: None)
 
     def _detach(self, session_id: int) -> None:
         session = self.sessions.pop(session_id, None)
@@ -389,7 +397,7 @@ class Node:
         await self.persister.flush_all(deadline=min(deadline, started + 10))
         # 2. Leave the ring: peers (the gateway first of all) re-pin our sessions and
         #    route our actors' messages to their new owners; we forward what still comes.
-        await self.membership.leave(settings.leave_timeout_s)
+        leaving = asyncio.get_running_loop().create_task(self.membership.leave(settings.leave_timeout_s))
         # 3. Hand off: write what changed meanwhile, passivate what is released.
         last_report = 0.0
         while time.monotonic() < deadline:
@@ -404,6 +412,7 @@ class Node:
                 )
             await asyncio.sleep(0.02)
         flushed = await self.persister.flush_all(deadline=time.monotonic() + 5)
+        await leaving
         left = len(self.runtime)
         self.runtime.drop_all()
         log.info(

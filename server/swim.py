@@ -119,7 +119,7 @@ class SwimConfig:
     faulty_reap_after: float = 60.0
     max_members: int = 4096
     # A leaving member gossips LEAVING this long, then LEFT.
-    leave_linger: float = 1.0
+    leave_linger: float = 0.3
     # With no live peer known, contact the seeds again this often.
     join_retry_interval: float = 1.0
     # A gap between two ticks longer than this means our own process was stalled (GC,

@@ -31,6 +31,7 @@ class Kind(enum.IntEnum):
     ACTOR_CALL = 10  # node->node: seq = correlation id; payload = JSON effect for an actor
     ACTOR_REPLY = 11  # node->node: seq = correlation id; payload = JSON {"ok", "result"|"error"}
     ACTOR_SEND = 12  # node->node: one-way JSON effect
+    FILL = 13  # gw->node: the client got a stream (aux) up to seq only; push what follows again
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,8 @@
 import pytest
 
-from gateway.session import ReplayFull, Session, SessionState
+from gateway.session import PushVerdict, ReplayFull, Session, SessionState
+
+DELIVER, DUPLICATE, GAP = PushVerdict.DELIVER, PushVerdict.DUPLICATE, PushVerdict.GAP
 
 
 def attached(applied=0, max_replay=8):
@@ -58,12 +60,14 @@ def test_illegal_transition():
         s.reattaching("n2")  # must be moving first
 
 
-def test_pushes_are_delivered_once_per_stream():
+def test_pushes_are_delivered_once_per_stream_and_gaps_are_caught():
     s = attached()
-    assert s.on_push(7, 1) and s.on_push(7, 2)
-    assert not s.on_push(7, 2) and not s.on_push(7, 1)  # replayed by a new owner
-    assert s.on_push(8, 1)  # another game
-    assert s.on_push(0, 0) and s.on_push(0, 0)  # notices are not deduplicated
+    assert s.on_push(7, 1) is DELIVER and s.on_push(7, 2) is DELIVER
+    assert s.on_push(7, 2) is DUPLICATE and s.on_push(7, 1) is DUPLICATE  # pushed again after a move
+    assert s.on_push(7, 5) is GAP and s.last_pushed(7) == 2  # 3 and 4 never came: not delivered
+    assert s.on_push(7, 3) is DELIVER
+    assert s.on_push(8, 40) is DELIVER  # a stream's first push sets its baseline
+    assert s.on_push(0, 0) is DELIVER and s.on_push(0, 0) is DELIVER  # notices
 
 
 def test_push_streams_are_bounded():

@@ -90,8 +90,9 @@ async def await_until(condition: Callable[[], bool], timeout: float, message: st
 def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     started: list[Cluster] = []
 
-    def factory(*, nodes: int = 3, extra: str = "") -> Cluster:
-        cluster = Cluster(write_config(tmp_path / f"c{len(started)}", nodes=nodes, extra=extra))
+    def factory(*, nodes: int = 3, standby: int = 0, extra: str = "") -> Cluster:
+        directory = tmp_path / f"c{len(started)}"
+        cluster = Cluster(write_config(directory, nodes=nodes, standby=standby, extra=extra))
         started.append(cluster)
         cluster.local.up()
         return cluster

@@ -1,0 +1,72 @@
+"""Drain, scale-up and rolling restart under load: no client disconnected, every counter
+equal to its acknowledged increments, game streams without gap or duplicate."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from loadtest.checker import IncrementLoad
+from server.cluster import pid_alive
+from tests.integration.test_games import check_streams, drain_events, start_game
+
+PLAYERS = [f"o{i}" for i in range(200)]
+GAMERS = [f"og{i}" for i in range(8)]
+
+
+async def game_traffic(clients, game, received, stop: asyncio.Event, acked: dict[str, int]):
+    async def one(c):
+        while not stop.is_set():
+            await c.request("game.action", {"game": game, "action": {"type": "score", "points": 1}})
+            acked[c.player] = acked.get(c.player, 0) + 1
+            drain_events(c, received[c.player])
+            await asyncio.sleep(0.02)
+
+    await asyncio.gather(*(one(c) for c in clients))
+
+
+def test_drain_add_node_and_rolling_restart_under_load(make_cluster):
+    cluster = make_cluster(standby=1)
+    local = cluster.local
+    scores: dict[str, int] = {}
+
+    async def main():
+        load = IncrementLoad(cluster.url, {p: cluster.token(p) for p in PLAYERS})
+        await load.start()
+        gamers, game = await start_game(cluster, GAMERS)
+        received = {c.player: [] for c in gamers}
+        stop = asyncio.Event()
+        traffic = asyncio.create_task(game_traffic(gamers, game, received, stop, scores))
+        await load.wait_for_acks(1000, timeout=30)
+
+        n2_pid = local.pid("n2")
+        drain_time = await asyncio.to_thread(local.drain, "n2")
+        assert not pid_alive(n2_pid), "the drained node's process has exited"
+        assert cluster.gateway_status()["membership"]["members"].get("n2") in ("left", None)
+        await load.wait_for_acks(1000, timeout=30)
+
+        await asyncio.to_thread(local.add_node, "n4")
+        await load.wait_for_acks(1000, timeout=30)
+        assert cluster.node_status("n4")["sessions"] > 0, "sessions moved to the new node"
+
+        deploy_started = time.monotonic()
+        await asyncio.to_thread(local.deploy)
+        await load.wait_for_acks(1000, timeout=30)
+
+        stop.set()
+        await traffic
+        assert load.disconnected() == []
+        assert all(c.closed_with is None for c in gamers)
+        await check_streams(gamers, game, received)
+        state = await gamers[0].request("game.get", {"game": game})
+        await load.stop()
+        for c in gamers:
+            await c.close()
+        return load, state, drain_time, time.monotonic() - deploy_started
+
+    load, state, drain_time, deploy_time = asyncio.run(main())
+    cluster.wait_flushed()
+    assert load.mismatches(cluster.stored_xp) == {}
+    assert sum(p.errors for p in load.players.values()) == 0
+    assert state["scores"] == scores
+    print(f"drain {drain_time:.2f}s, rolling restart of 3 nodes {deploy_time:.1f}s")
