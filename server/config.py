@@ -60,7 +60,7 @@ class NodeSettings:
     game_max_duration_s: float = 3600.0
     max_link_frame_bytes: int = 1 << 20  # node-link frame bound
     link_write_buffer_bytes: int = 4 << 20  # pause reading a link while its peer is this far behind
-    leave_timeout_s: float = 2.0  # on stop: at most this long to gossip `leaving` then `left`
+    leave_timeout_s: float = 0.8  # on stop: gossip `leaving`, then `left` (swim.leave_linger 0.3 s)
     # A process stalled (SIGSTOP, VM pause) longer than this may have been declared faulty
     # and had its actors reassigned: it drops them unwritten. Keep it below the fastest
     # failure detection (ack_timeout + protocol_period + suspicion_min = 0.78 s by default).
@@ -87,7 +87,7 @@ class GatewaySettings:
     link_retry_base_ms: int = 50
     link_retry_cap_ms: int = 1_000
     token_ttl_s: int = 86_400  # default lifetime of tokens minted by `ringside token`
-    leave_timeout_s: float = 2.0  # on stop: at most this long to gossip `leaving` then `left`
+    leave_timeout_s: float = 0.8  # on stop: gossip `leaving`, then `left` (swim.leave_linger 0.3 s)
 
 
 @dataclass(frozen=True, slots=True)
