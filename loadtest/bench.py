@@ -276,8 +276,8 @@ class Generator:
                 elif delay < -0.05 and next_at >= self.measure_from:
                     behind += 1
                 if len(conn.waiting) < 256:  # bound in-flight per connection
+                    sent += time.perf_counter() >= self.measure_from
                     await self.send(conn, wait=False)
-                    sent += next_at >= self.measure_from
                 next_at += interval
 
         results = await asyncio.gather(*(loop(x) for x in conns), return_exceptions=True)
@@ -292,6 +292,8 @@ class Generator:
         for x in conns:
             x.waiting.clear()
         return {
+            "requested_rps": rate,
+            "sessions": len(conns),
             "sent": sent,
             "answered": len(lat),
             "answered_all": self.answered_all,
@@ -857,8 +859,8 @@ def table(r: dict[str, Any]) -> str:
         a, b = s["latency"]["lat"][key], e["latency"]["lat"][key]
         rows.append(
             (
-                f"latency {label} at {s['latency']['sent'] / max(1e-9, s['latency']['seconds']):,.0f}/s "
-                f"requested (ms)",
+                f"latency {label} at {s['latency']['requested_rps']:,.0f}/s, "
+                f"{s['latency']['sessions']:,} sessions (ms)",
                 f"{a:.2f}",
                 f"{b:.2f}",
                 ratio(a, b),
