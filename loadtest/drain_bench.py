@@ -1,0 +1,558 @@
+"""Drain benchmark: how long draining a node holding ~10,000 active player actors takes, the
+pause each live session on it sees while it moves, and whether anything was lost.
+
+    .venv/bin/python -m loadtest.drain_bench [--runs 3] [--actors 10000] [--sessions 200]
+
+Every run builds a fresh scratch cluster on 127.0.0.1 (embedded Redis, 3 nodes, gateway) in a
+temporary directory and tears it down afterwards. Nothing here asserts on timing: it reports
+figures (a progress line per step, a table, then one JSON line as the last line of output).
+
+1. Activate `--actors` player actors on the victim (`--victim`, default n2): players whose
+   owner on the 3-node ring is the victim (`HashRing(nodes).owner("player:<id>")`, the key
+   the gateway uses) connect in concurrent batches, send one `player.update {"incr":
+   {"xp": 1}}` each and close. The session closes; the actor stays active (idle_timeout_s
+   300). The victim's /status `actors` is checked. If activation does not finish within
+   `--activate-timeout`, the run measures with the actors it has, and says so.
+2. `--sessions` other players owned by the victim increment `xp` in a closed loop (ack
+   timestamps recorded). Then `LocalCluster.drain(victim)`: POST /admin/drain, wait for the
+   process to exit. Reported: the time drain() returns, the node's own `drain finished`
+   elapsed_s (its log), phases from its log (drain started -> first hand-off), and from a
+   /status poller: when `dirty` first reads 0 and when `actors` / `sessions` reach 0.
+3. Pause per live session: the longest gap between two consecutive acks that overlaps the
+   drain window [drain called, drain returned] (a session that is never answered again
+   counts as the whole remaining window). p50 / p99 / max over sessions, next to the same
+   figure for an equally long window just before the drain (the closed loop's own jitter).
+4. Correctness once every running node reports `dirty == 0`: every live player's stored xp
+   (`rs:{player:<id>}:state`) equals its acknowledged increments, every activation player's
+   equals 1 (its one acknowledged increment); lost / doubled / disconnected counts.
+
+Live migration (state shipped node to node during the drain) is NOT implemented: the
+handoff goes through Redis (the draining node flushes, leaves the ring, passivates; new
+owners load from Redis on next use). There is therefore no live-migration-versus-Redis
+comparison; the flush figures are reported as the Redis-fallback reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import statistics
+import sys
+import threading
+import time
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from gateway.client import RingsideClient
+from loadtest.failover_bench import Scratch, TimedLoad, fmt, say
+from server.cluster import pid_alive
+from server.ring import HashRing
+
+TARGETS = {"drain_s": 2.0, "pause_p99_ms": 100.0}
+ANCHORS = [
+    (
+        "Orleans",
+        "no drain API; grains are deactivated on silo shutdown (state lost in the "
+        "reactivation race, dotnet/orleans #5687)",
+    ),
+    ("Akka cluster sharding", "entities are stopped on handoff and restarted on the new node"),
+    ("Dapr actors", "reloaded from the state store after a 2 s drain timeout (drainOngoingCallTimeout)"),
+    ("Colyseus", "graceful shutdown can wait forever, or exit before saves finish"),
+]
+LIVE_MIGRATION_NOTE = (
+    "live migration is NOT implemented: the drain hands off through Redis (flush, leave the "
+    "ring, passivate; new owners load from Redis on next use), so there is no live-migration "
+    "vs Redis-fallback comparison; the flush figures below are the Redis-fallback reference"
+)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def victim_players(ring: HashRing, victim: str, prefix: str, count: int, limit: int) -> list[str]:
+    """The first `count` ids `<prefix><i>` the ring gives to `victim` (bounded search)."""
+    out: list[str] = []
+    for i in range(limit):
+        p = f"{prefix}{i}"
+        if ring.owner(f"player:{p}") == victim:
+            out.append(p)
+            if len(out) == count:
+                break
+    return out
+
+
+async def activate(
+    scratch: Scratch, players: list[str], *, concurrency: int, timeout: float
+) -> dict[str, Any]:
+    """Connect each player, one increment, close. Bounded by `timeout`; returns counts."""
+    acked: dict[str, bool] = {}
+    failures: list[str] = []
+    sem = asyncio.Semaphore(concurrency)
+    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+
+    async def one(player: str) -> None:
+        async with sem:
+            if time.monotonic() > deadline:
+                return
+            client = None
+            try:
+                client = await RingsideClient.connect(scratch.url, scratch.token(player), open_timeout=10)
+                reply = await asyncio.wait_for(client.call("player.update", {"incr": {"xp": 1}}), 10)
+                acked[player] = bool(reply.get("ok"))
+                if not reply.get("ok"):
+                    failures.append(f"{player}: {reply.get('error')}")
+            except Exception as exc:  # noqa: BLE001 - counted, reported
+                failures.append(f"{player}: {type(exc).__name__}: {exc}")
+            finally:
+                if client is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(client.close(), 5)
+
+    last = 0.0
+    batch = 1000
+    todo = list(players)
+    for attempt in range(1, 4):  # failed hellos (e.g. `unavailable` under the burst) are retried
+        for i in range(0, len(todo), batch):
+            if time.monotonic() > deadline:
+                break
+            await asyncio.gather(*(one(p) for p in todo[i : i + batch]))
+            now = time.monotonic()
+            if now - last >= 5 or i + batch >= len(todo):
+                last = now
+                say(
+                    f"    activated {sum(acked.values())}/{len(players)} in {now - started:.1f}s "
+                    f"(attempt {attempt}, {len(failures)} failures so far)"
+                )
+        todo = [p for p in players if not acked.get(p)]
+        if not todo or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(1.0)
+    return {
+        "acked": acked,
+        "failures": failures,
+        "seconds": time.monotonic() - started,
+        "timed_out": time.monotonic() > deadline and sum(acked.values()) < len(players),
+    }
+
+
+class StatusPoller(threading.Thread):
+    """Polls the victim's /status every `period` s until its process exits (bounded)."""
+
+    def __init__(self, scratch: Scratch, name: str, pid: int, t0: float, period: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.scratch, self.name, self.pid, self.t0, self.period = scratch, name, pid, t0, period
+        self.samples: list[tuple[float, dict[str, Any]]] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 120
+        while not self.halt.is_set() and pid_alive(self.pid) and time.monotonic() < deadline:
+            s = self.scratch.status(self.name, timeout=0.5)
+            if s is not None:
+                self.samples.append((time.monotonic() - self.t0, s))
+            time.sleep(self.period)
+
+    def first(self, pred: Any) -> float | None:
+        for t, s in self.samples:
+            if s.get("state") == "draining" and pred(s):
+                return round(t, 3)
+        return None
+
+
+def parse_drain_log(path: Any) -> dict[str, Any]:
+    """From the node's JSON log: drain started / first hand-off / drain finished."""
+    out: dict[str, Any] = {}
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return out
+
+    def ts(entry: dict[str, Any]) -> float | None:
+        try:
+            return datetime.strptime(entry["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
+        except (KeyError, ValueError):
+            return None
+
+    started = None
+    handoffs = []
+    for line in lines:
+        if not line.startswith("{"):
+            continue
+        try:
+            e = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        ev = e.get("event")
+        if ev == "drain started":
+            started = ts(e)
+            out["log_actors_at_start"] = e.get("actors")
+            out["log_sessions_at_start"] = e.get("sessions")
+        elif ev == "handed off actors" and started is not None:
+            handoffs.append((ts(e), e.get("actors"), e.get("moving")))
+        elif ev == "drain finished":
+            out["node_elapsed_s"] = e.get("elapsed_s")
+            out["left_actors"] = e.get("left_actors")
+            out["left_sessions"] = e.get("left_sessions")
+            out["final_flush_ok"] = e.get("flushed")
+        elif e.get("level") in ("error", "critical") or "exc" in e:
+            out.setdefault("log_errors", []).append(ev)
+    if started is not None and handoffs and handoffs[0][0] is not None:
+        out["first_handoff_s"] = round(handoffs[0][0] - started, 3)
+        out["first_handoff_actors"] = handoffs[0][1]
+        out["handoff_rounds"] = len(handoffs)
+        out["handed_off_total"] = sum(h[1] or 0 for h in handoffs)
+    return out
+
+
+def gap_over(times: list[float], t0: float, t1: float, t_end: float) -> float:
+    """Longest gap between consecutive acks that overlaps [t0, t1]; no ack after t1 -> up to t_end."""
+    worst = 0.0
+    prev = None
+    answered_after = False
+    for t in times:
+        if prev is not None and t >= t0 and prev <= t1:
+            worst = max(worst, t - prev)
+        if t > t1:
+            answered_after = True
+            break
+        prev = t
+    if not answered_after:
+        worst = max(worst, t_end - (prev if prev is not None else t0))
+    return worst
+
+
+def pct(vals: list[float], q: float) -> float | None:
+    if not vals:
+        return None
+    s = sorted(vals)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+def ms(x: float | None) -> float | None:
+    return None if x is None else (math.inf if math.isinf(x) else round(1000 * x, 1))
+
+
+# -- one run ----------------------------------------------------------------------------------
+
+
+async def drain_run(index: int, args: argparse.Namespace) -> dict[str, Any]:
+    scratch = Scratch(f"drain{index}")
+    victim = args.victim
+    record: dict[str, Any] = {"run": index, "victim": victim, "loadavg_1m_at_start": os.getloadavg()[0]}
+    load: TimedLoad | None = None
+    try:
+        await asyncio.to_thread(scratch.local.up)
+        ring = HashRing(scratch.config.node_names)
+        actors = victim_players(ring, victim, f"a{index}x", args.actors, args.actors * 10)
+        live = victim_players(ring, victim, f"s{index}x", args.sessions, args.sessions * 10)
+        say(f"  run {index}: cluster up; activating {len(actors)} actors on {victim} ...")
+
+        act = await activate(scratch, actors, concurrency=args.concurrency, timeout=args.activate_timeout)
+        acked_actors = [p for p, ok in act["acked"].items() if ok]
+        vs = await asyncio.to_thread(scratch.status, victim)
+        record.update(
+            actors_requested=len(actors),
+            actors_acked=len(acked_actors),
+            activation_failures=len(act["failures"]),
+            activation_failure_examples=act["failures"][:5],
+            activation_s=round(act["seconds"], 1),
+            activation_timed_out=act["timed_out"],
+            victim_actors_before=(vs or {}).get("actors"),
+        )
+        say(
+            f"  run {index}: {len(acked_actors)} actors acked in {act['seconds']:.1f}s; {victim} /status "
+            f"actors={record['victim_actors_before']}"
+            + (" (activation timed out: measuring with what is active)" if act["timed_out"] else "")
+        )
+
+        load = TimedLoad(scratch.url, {p: scratch.token(p) for p in live})
+        await asyncio.wait_for(load.start(), 60)
+        await load.wait_for_acks(max(2000, 10 * len(live)), timeout=60)
+        await asyncio.sleep(1.0)  # steady state
+        vs = await asyncio.to_thread(scratch.status, victim)
+        record.update(
+            live_sessions=len(live),
+            victim_sessions_before=(vs or {}).get("sessions"),
+            victim_actors_at_drain=(vs or {}).get("actors"),
+            victim_dirty_at_drain=(vs or {}).get("dirty"),
+        )
+        say(
+            f"  run {index}: {len(live)} live sessions incrementing on {victim} "
+            f"(sessions={record['victim_sessions_before']}, actors={record['victim_actors_at_drain']}); "
+            f"draining {victim} ..."
+        )
+
+        pid = scratch.local.pid(victim)
+        assert pid is not None
+        t_pre = time.monotonic()
+        poller = StatusPoller(scratch, victim, pid, t_pre)
+        poller.start()
+        scratch.local.progress = lambda msg: say("    " + msg.strip())
+        t0 = time.monotonic()
+        record["acks_per_s_before"] = round(load.acks_between(t0 - 1.0, t0))
+        drain_s = await asyncio.to_thread(scratch.local.drain, victim)
+        t1 = time.monotonic()
+        scratch.local.progress = lambda _msg: None
+        poller.halt.set()
+        await asyncio.to_thread(poller.join, 5)
+        record["drain_s"] = round(drain_s, 3)
+        record["process_exited"] = not pid_alive(pid)
+
+        # Let every moved session be answered again (bounded), then a little more load.
+        moved = await _until(
+            lambda: all(p.ack_times and p.ack_times[-1] > t1 for p in load.players.values()), 15
+        )
+        await asyncio.sleep(1.0)
+        t_end = time.monotonic()
+        record["all_answered_after"] = moved
+
+        gaps = [gap_over(p.ack_times, t0, t1, t_end) for p in load.players.values()]
+        width = t1 - t0
+        base = [gap_over(p.ack_times, t0 - 1.0 - width, t0 - 1.0, t0) for p in load.players.values()]
+        record.update(
+            pause_p50_ms=ms(pct(gaps, 0.5)),
+            pause_p99_ms=ms(pct(gaps, 0.99)),
+            pause_max_ms=ms(max(gaps) if gaps else None),
+            baseline_gap_p50_ms=ms(pct(base, 0.5)),
+            baseline_gap_p99_ms=ms(pct(base, 0.99)),
+            baseline_gap_max_ms=ms(max(base) if base else None),
+            dirty_zero_s=poller.first(lambda s: s.get("dirty") == 0),
+            sessions_zero_s=poller.first(lambda s: s.get("sessions") == 0),
+            actors_zero_s=poller.first(lambda s: s.get("actors") == 0),
+            status_samples=len(poller.samples),
+            max_dirty_seen=max((s.get("dirty", 0) for _, s in poller.samples), default=None),
+        )
+        record.update(parse_drain_log(scratch.local.log_file(victim)))
+        others: dict[str, dict[str, Any]] = {}
+        for n in scratch.running_nodes():
+            others[n] = await asyncio.to_thread(scratch.status, n, 1.0) or {}
+        record["sessions_after"] = {n: s.get("sessions") for n, s in others.items()}
+        record["actors_after"] = {n: s.get("actors") for n, s in others.items()}
+
+        record["stopped_cleanly"] = await load.stop_bounded()
+        stopped, load = load, None
+        record.update(await asyncio.to_thread(check, scratch, stopped, acked_actors))
+    except Exception as exc:  # noqa: BLE001 - a failed run is a figure too
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        scratch.keep = True
+    finally:
+        if load is not None:
+            await load.stop_bounded()
+        bad = record.get("error") or any(
+            record.get(k) for k in ("lost", "doubled", "disconnected", "errors", "connection_errors")
+        )
+        scratch.keep = scratch.keep or bool(bad) or args.keep
+        await asyncio.to_thread(scratch.close)
+    return record
+
+
+async def _until(condition: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+def check(scratch: Scratch, load: TimedLoad, acked_actors: list[str]) -> dict[str, Any]:
+    flushed = scratch.wait_flushed()
+    mism = load.mismatches(scratch.stored_xp)
+    # The activation players: one acknowledged increment each.
+    r = scratch._redis
+    assert r is not None  # opened by stored_xp above (or by mismatches on an empty load: open now)
+    a_lost = a_doubled = 0
+    examples: dict[str, Any] = {}
+    for i in range(0, len(acked_actors), 1000):
+        chunk = acked_actors[i : i + 1000]
+        blobs = r.mget([f"rs:{{player:{p}}}:state" for p in chunk])
+        for p, blob in zip(chunk, blobs, strict=True):
+            xp = int(orjson.loads(blob).get("xp", 0)) if blob else 0
+            if xp != 1:
+                a_lost += xp < 1
+                a_doubled += xp > 1
+                if len(examples) < 5:
+                    examples[p] = (1, xp)
+    return {
+        "flushed": flushed,
+        "acked_total": load.total_acked,
+        "lost": sum(1 for acked, stored in mism.values() if stored < acked),
+        "doubled": sum(1 for acked, stored in mism.values() if stored > acked),
+        "lost_updates": sum(acked - stored for acked, stored in mism.values() if stored < acked),
+        "doubled_updates": sum(stored - acked for acked, stored in mism.values() if stored > acked),
+        "mismatch_examples": dict(list(mism.items())[:5]),
+        "actors_lost": a_lost,
+        "actors_doubled": a_doubled,
+        "actor_mismatch_examples": examples,
+        "disconnected": len(load.disconnected()),
+        "connection_errors": load.connection_errors,
+        "errors": sum(p.errors for p in load.players.values()),
+    }
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in runs if "error" not in r and r.get("drain_s") is not None]
+
+    def agg(key: str) -> dict[str, float | None]:
+        vals = [r[key] for r in ok if isinstance(r.get(key), (int, float))]
+        if not vals:
+            return {"p50": None, "max": None}
+        return {"p50": round(statistics.median(vals), 3), "max": round(max(vals), 3)}
+
+    out: dict[str, Any] = {
+        "runs": len(runs),
+        "failed_runs": len(runs) - len(ok),
+        "targets": TARGETS,
+        "victim_actors_at_drain": [r.get("victim_actors_at_drain") for r in runs],
+        "live_migration": "not implemented (Redis handoff only)",
+    }
+    for key in (
+        "drain_s",
+        "node_elapsed_s",
+        "first_handoff_s",
+        "dirty_zero_s",
+        "actors_zero_s",
+        "sessions_zero_s",
+        "pause_p50_ms",
+        "pause_p99_ms",
+        "pause_max_ms",
+        "baseline_gap_p99_ms",
+        "activation_s",
+    ):
+        out[key] = agg(key)
+    for key in (
+        "lost",
+        "doubled",
+        "lost_updates",
+        "doubled_updates",
+        "actors_lost",
+        "actors_doubled",
+        "disconnected",
+        "errors",
+        "connection_errors",
+        "activation_failures",
+    ):
+        out[key] = sum(int(r.get(key) or 0) for r in runs)
+    out["acked_total"] = sum(int(r.get("acked_total") or 0) for r in runs)
+    return out
+
+
+def print_table(runs: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    say("")
+    say("Drain of a node holding N active player actors while S live sessions on it increment xp")
+    head = (
+        f"{'run':>3} {'actors':>7} {'sess':>5} {'drain()':>8} {'node':>7} {'1st h/o':>8} {'dirty=0':>8} "
+        f"{'actors=0':>8} {'pause p50':>9} {'p99':>7} {'max':>7} {'base p99':>8} {'lost/dbl/disc/err':>18}"
+    )
+    say(head)
+    say("-" * len(head))
+    for r in runs:
+        if "error" in r:
+            say(f"{r['run']:>3} FAILED: {r['error']}")
+            continue
+        lost = (r.get("lost") or 0) + (r.get("actors_lost") or 0)
+        dbl = (r.get("doubled") or 0) + (r.get("actors_doubled") or 0)
+        counts = f"{lost}/{dbl}/{r.get('disconnected')}/{r.get('errors')}"
+        say(
+            f"{r['run']:>3} {r.get('victim_actors_at_drain')!s:>7} {r.get('victim_sessions_before')!s:>5} "
+            f"{fmt(r.get('drain_s')):>8} {fmt(r.get('node_elapsed_s')):>7} "
+            f"{fmt(r.get('first_handoff_s')):>8} "
+            f"{fmt(r.get('dirty_zero_s')):>8} {fmt(r.get('actors_zero_s')):>8} "
+            f"{fmt(r.get('pause_p50_ms'), 'ms'):>9} {fmt(r.get('pause_p99_ms'), 'ms'):>7} "
+            f"{fmt(r.get('pause_max_ms'), 'ms'):>7} {fmt(r.get('baseline_gap_p99_ms'), 'ms'):>8} "
+            f"{counts:>18}"
+        )
+    s = summary
+    say(
+        f"targets: drain < {TARGETS['drain_s']}s, pause p99 < {TARGETS['pause_p99_ms']:.0f}ms. "
+        f"drain() p50/max {fmt(s['drain_s']['p50'])}/{fmt(s['drain_s']['max'])}, "
+        f"pause p99 p50/max {fmt(s['pause_p99_ms']['p50'], 'ms')}/{fmt(s['pause_p99_ms']['max'], 'ms')}"
+    )
+    say(
+        "drain(): LocalCluster.drain from the admin call to process exit; node: the node's own "
+        "'drain finished' elapsed_s;\n1st h/o: drain start -> first hand-off round logged (flush_all + "
+        "leave started + passivation); dirty=0 / actors=0: first /status\npoll (50 ms) with dirty 0 / "
+        "actors 0; pause: per live session, longest gap between consecutive acks spanning the drain;\n"
+        "base p99: same gap measure over an equally long window just before the drain (the closed loop's "
+        "own jitter)."
+    )
+    say(f"note: {LIVE_MIGRATION_NOTE}.")
+    say("")
+    say("Anchors:")
+    for name, figure in ANCHORS:
+        say(f"  {name:<22} {figure}")
+
+
+def meminfo_gb() -> float | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+async def main_async(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    runs = []
+    for i in range(1, args.runs + 1):
+        r = await drain_run(i, args)
+        runs.append(r)
+        if "error" in r:
+            say(f"run {i}/{args.runs}: FAILED {r['error']}")
+        else:
+            say(
+                f"run {i}/{args.runs}: {r.get('victim_actors_at_drain')} actors + "
+                f"{r.get('victim_sessions_before')} sessions on {r['victim']}: drain() "
+                f"{fmt(r.get('drain_s'))} (node {fmt(r.get('node_elapsed_s'))}), "
+                f"pause p50/p99/max {fmt(r.get('pause_p50_ms'), 'ms')}/{fmt(r.get('pause_p99_ms'), 'ms')}/"
+                f"{fmt(r.get('pause_max_ms'), 'ms')}; lost {r.get('lost')}+{r.get('actors_lost')} doubled "
+                f"{r.get('doubled')}+{r.get('actors_doubled')} disconnected {r.get('disconnected')} "
+                f"errors {r.get('errors')}, exited {r.get('process_exited')}"
+            )
+    return runs, summarize(runs)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m loadtest.drain_bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=3, help="runs, each on a fresh cluster (default 3)")
+    ap.add_argument("--actors", type=int, default=10_000, help="player actors to activate on the victim")
+    ap.add_argument("--sessions", type=int, default=200, help="live closed-loop sessions on the victim")
+    ap.add_argument("--victim", default="n2", help="node to drain (default n2)")
+    ap.add_argument("--concurrency", type=int, default=200, help="concurrent activation clients")
+    ap.add_argument("--activate-timeout", type=float, default=300.0, help="bound on activation (s)")
+    ap.add_argument("--keep", action="store_true", help="keep every scratch directory")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    say(
+        f"drain bench: {args.runs} runs, {args.actors} actors + {args.sessions} live sessions on "
+        f"{args.victim}; nproc {os.cpu_count()}, memory {meminfo_gb()} GB"
+    )
+    say(f"note: {LIVE_MIGRATION_NOTE}")
+    runs, summary = asyncio.run(main_async(args))
+    print_table(runs, summary)
+    out = {
+        "machine": {"nproc": os.cpu_count(), "mem_gb": meminfo_gb(), "python": sys.version.split()[0]},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": " ".join([".venv/bin/python -m loadtest.drain_bench", *sys.argv[1:]]),
+        "summary": summary,
+        "runs": runs,
+    }
+    print(orjson.dumps(out, default=str).decode(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
