@@ -331,7 +331,8 @@ async def drain_run(index: int, args: argparse.Namespace) -> dict[str, Any]:
         record.update(parse_drain_log(scratch.local.log_file(victim)))
         others: dict[str, dict[str, Any]] = {}
         for n in scratch.running_nodes():
-            others[n] = await asyncio.to_thread(scratch.status, n, 1.0) or {}
+            st = await asyncio.to_thread(scratch.status, n, 1.0)
+            others[n] = st if st is not None else {}
         record["sessions_after"] = {n: s.get("sessions") for n, s in others.items()}
         record["actors_after"] = {n: s.get("actors") for n, s in others.items()}
 
