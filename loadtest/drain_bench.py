@@ -210,21 +210,24 @@ def parse_drain_log(path: Any) -> dict[str, Any]:
     return out
 
 
-def gap_over(times: list[float], t0: float, t1: float, t_end: float) -> float:
-    """Longest gap between consecutive acks that overlaps [t0, t1]; no ack after t1 -> up to t_end."""
-    worst = 0.0
+def gap_over(times: list[float], t0: float, t1: float, t_end: float) -> tuple[float, float]:
+    """Longest gap between consecutive acks that overlaps [t0, t1] (no ack after t1: up to
+    t_end), and the time its last ack before the gap came."""
+    worst, start = 0.0, t0
     prev = None
     answered_after = False
     for t in times:
-        if prev is not None and t >= t0 and prev <= t1:
-            worst = max(worst, t - prev)
+        if prev is not None and t >= t0 and prev <= t1 and t - prev > worst:
+            worst, start = t - prev, prev
         if t > t1:
             answered_after = True
             break
         prev = t
     if not answered_after:
-        worst = max(worst, t_end - (prev if prev is not None else t0))
-    return worst
+        last = prev if prev is not None else t0
+        if t_end - last > worst:
+            worst, start = t_end - last, last
+    return worst, start
 
 
 def pct(vals: list[float], q: float) -> float | None:
@@ -312,13 +315,20 @@ async def drain_run(index: int, args: argparse.Namespace) -> dict[str, Any]:
         t_end = time.monotonic()
         record["all_answered_after"] = moved
 
-        gaps = [gap_over(p.ack_times, t0, t1, t_end) for p in load.players.values()]
+        pauses = [gap_over(p.ack_times, t0, t1, t_end) for p in load.players.values()]
+        gaps = [g for g, _ in pauses]
+        starts = [st - t0 for _, st in pauses]
+        ends = [st + g - t0 for g, st in pauses]
         width = t1 - t0
-        base = [gap_over(p.ack_times, t0 - 1.0 - width, t0 - 1.0, t0) for p in load.players.values()]
+        base = [gap_over(p.ack_times, t0 - 1.0 - width, t0 - 1.0, t0)[0] for p in load.players.values()]
         record.update(
             pause_p50_ms=ms(pct(gaps, 0.5)),
             pause_p99_ms=ms(pct(gaps, 0.99)),
             pause_max_ms=ms(max(gaps) if gaps else None),
+            # When the pauses fall, relative to the drain call: last ack before, first ack after.
+            pause_start_p50_ms=ms(pct(starts, 0.5)),
+            pause_end_p50_ms=ms(pct(ends, 0.5)),
+            pause_end_max_ms=ms(max(ends) if ends else None),
             baseline_gap_p50_ms=ms(pct(base, 0.5)),
             baseline_gap_p99_ms=ms(pct(base, 0.99)),
             baseline_gap_max_ms=ms(max(base) if base else None),
