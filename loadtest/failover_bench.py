@@ -16,7 +16,8 @@ figures (one progress line per run, a table, then one JSON line as the last line
    (`rtt_p50_ms_before`). Per run: max and p50 over displaced players. Who owns which player
    is computed from the ring and checked against the nodes' session counts
    (`placement_verified`).
-2. SIGSTOP the same way for `--pause-seconds` (6), then SIGCONT; same measurement from SIGSTOP,
+2. SIGSTOP the same node for `--pause-seconds` (6), then SIGCONT (as LocalCluster.pause does,
+   but signalled from the event loop so that t0 is the signal's instant); same measurement,
    plus how long the node takes to rejoin and the longest stall when sessions move back.
    After both, once every running node reports `dirty == 0`: stored xp vs acknowledged count
    (lost / doubled) and disconnected clients.
@@ -29,10 +30,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import multiprocessing
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -48,7 +51,7 @@ import redis
 
 from loadtest.checker import IncrementLoad, PlayerLoad
 from loadtest.harness import write_config
-from server.cluster import LocalCluster, http_json
+from server.cluster import LocalCluster, http_json, pid_alive
 from server.config import ClusterConfig, load_config
 from server.ring import HashRing
 from server.tokens import mint
@@ -162,6 +165,7 @@ class Scratch:
         self.url = f"ws://{g.host}:{g.port}/ws"
         self._redis: redis.Redis | None = None
         self.keep = False
+        self.stopped_pid: int | None = None
 
     def token(self, player: str) -> str:
         return mint(self.config.secret_bytes, player, expires_at=int(time.time()) + 3600)
@@ -197,7 +201,27 @@ class Scratch:
             time.sleep(0.05)
         return False
 
+    def wait_gone(self, name: str, pid: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.local.pid_file(name).unlink(missing_ok=True)
+
+    def resume_at(self, pid: int, at: float) -> None:
+        """SIGCONT a SIGSTOPped process at monotonic time `at`."""
+        try:
+            time.sleep(max(0.0, at - time.monotonic()))
+        finally:
+            self._cont()
+
+    def _cont(self) -> None:
+        pid, self.stopped_pid = self.stopped_pid, None
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
     def close(self) -> None:
+        self._cont()
         try:
             self.local.down()
         except Exception as exc:  # noqa: BLE001 - teardown must not hide the figures
@@ -286,19 +310,28 @@ async def failover_run(kind: str, index: int, args: argparse.Namespace) -> dict[
         if not verified:
             say(f"  warning: predicted placement {dict(counts)} does not match the nodes' session counts")
 
+        pid = scratch.local.pid(victim)
+        if pid is None:
+            raise RuntimeError(f"{victim} is not running before the fault")
+        pause_task: asyncio.Task[None] | None = None
+        # Signal from the event-loop thread right after taking t0 (what LocalCluster.kill/pause
+        # do, minus their bookkeeping): a signal sent from a worker thread lagged t0 by tens of
+        # ms under this load (GIL), and the victim went on answering requests sent "after" t0.
         t0, wall0 = time.monotonic(), time.time()
+        if kind == "sigkill":
+            os.kill(pid, signal.SIGKILL)
+            await asyncio.to_thread(scratch.wait_gone, victim, pid)
+            window = 30.0
+        else:
+            os.kill(pid, signal.SIGSTOP)
+            scratch.stopped_pid = pid
+            pause_task = asyncio.create_task(
+                asyncio.to_thread(scratch.resume_at, pid, t0 + args.pause_seconds)
+            )
+            window = args.pause_seconds + 30.0
         record["acks_per_s_before"] = round(load.acks_between(t0 - 1.0, t0) / 1.0)
         before = sorted(load.latencies(t0 - 1.0, t0))
         record["rtt_p50_ms_before"] = round(1000 * before[len(before) // 2], 1) if before else None
-        pause_task: asyncio.Task[None] | None = None
-        if kind == "sigkill":
-            await asyncio.to_thread(scratch.local.kill, victim)
-            window = 30.0
-        else:
-            pause_task = asyncio.create_task(
-                asyncio.to_thread(scratch.local.pause, victim, args.pause_seconds)
-            )
-            window = args.pause_seconds + 30.0
         served = await until(
             lambda: all((sent := load.sent_times.get(p)) and sent[-1] >= t0 for p in displaced),
             window,
