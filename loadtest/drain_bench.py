@@ -43,12 +43,14 @@ import statistics
 import sys
 import threading
 import time
+from collections import Counter
 from datetime import datetime
 from typing import Any
 
 import orjson
 
-from gateway.client import RingsideClient
+from gateway.client import HelloFailed, RingsideClient
+from loadtest.checker import PlayerLoad
 from loadtest.failover_bench import Scratch, TimedLoad, fmt, say
 from server.cluster import pid_alive
 from server.ring import HashRing
@@ -69,6 +71,48 @@ LIVE_MIGRATION_NOTE = (
     "ring, passivate; new owners load from Redis on next use), so there is no live-migration "
     "vs Redis-fallback comparison; the flush figures below are the Redis-fallback reference"
 )
+
+
+class DrainLoad(TimedLoad):
+    """TimedLoad whose clients connect with a bounded concurrency and retry a refused hello
+    (a burst of hellos can get `unavailable`, see activation_failures)."""
+
+    async def start(self) -> None:
+        sem = asyncio.Semaphore(50)
+
+        async def connect(token: str) -> RingsideClient:
+            async with sem:
+                for attempt in range(5):
+                    try:
+                        return await RingsideClient.connect(self.url, token)
+                    except HelloFailed:
+                        if attempt == 4:
+                            raise
+                        self.hello_retries += 1
+                        await asyncio.sleep(0.2 * (attempt + 1))
+                raise AssertionError("unreachable")
+
+        self.hello_retries = 0
+        clients = await asyncio.gather(*(connect(t) for t in self.tokens.values()))
+        for player, client in zip(self.tokens, clients, strict=True):
+            self.players[player] = PlayerLoad(client)
+        self._tasks = [asyncio.create_task(self._run(p)) for p in self.players.values()]
+
+
+def activation_warnings(scratch: Scratch) -> dict[str, Any]:
+    """`activation failed` warnings in every node log: count and distinct errors."""
+    count, errors = 0, Counter[str]()
+    for name in scratch.config.node_names:
+        try:
+            text = scratch.local.log_file(name).read_text(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if '"activation failed"' in line:
+                count += 1
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    errors[str(orjson.loads(line).get("error"))[:120]] += 1
+    return {"activation_failed_logged": count, "activation_failed_errors": dict(errors.most_common(3))}
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -179,7 +223,7 @@ def parse_drain_log(path: Any) -> dict[str, Any]:
         except (KeyError, ValueError):
             return None
 
-    started = None
+    started = finished = None
     handoffs = []
     for line in lines:
         if not line.startswith("{"):
@@ -195,7 +239,12 @@ def parse_drain_log(path: Any) -> dict[str, Any]:
             out["log_sessions_at_start"] = e.get("sessions")
         elif ev == "handed off actors" and started is not None:
             handoffs.append((ts(e), e.get("actors"), e.get("moving")))
+        elif ev == "node stopped" and finished is not None:
+            stopped_ts = ts(e)
+            if stopped_ts is not None:
+                out["stop_after_finish_s"] = round(stopped_ts - finished, 3)
         elif ev == "drain finished":
+            finished = ts(e)
             out["node_elapsed_s"] = e.get("elapsed_s")
             out["left_actors"] = e.get("left_actors")
             out["left_sessions"] = e.get("left_sessions")
@@ -248,7 +297,7 @@ async def drain_run(index: int, args: argparse.Namespace) -> dict[str, Any]:
     scratch = Scratch(f"drain{index}")
     victim = args.victim
     record: dict[str, Any] = {"run": index, "victim": victim, "loadavg_1m_at_start": os.getloadavg()[0]}
-    load: TimedLoad | None = None
+    load: DrainLoad | None = None
     try:
         await asyncio.to_thread(scratch.local.up)
         ring = HashRing(scratch.config.node_names)
@@ -274,7 +323,7 @@ async def drain_run(index: int, args: argparse.Namespace) -> dict[str, Any]:
             + (" (activation timed out: measuring with what is active)" if act["timed_out"] else "")
         )
 
-        load = TimedLoad(scratch.url, {p: scratch.token(p) for p in live})
+        load = DrainLoad(scratch.url, {p: scratch.token(p) for p in live})
         await asyncio.wait_for(load.start(), 60)
         await load.wait_for_acks(max(2000, 10 * len(live)), timeout=60)
         await asyncio.sleep(1.0)  # steady state
@@ -339,6 +388,8 @@ async def drain_run(index: int, args: argparse.Namespace) -> dict[str, Any]:
             max_dirty_seen=max((s.get("dirty", 0) for _, s in poller.samples), default=None),
         )
         record.update(parse_drain_log(scratch.local.log_file(victim)))
+        record.update(activation_warnings(scratch))
+        record["live_hello_retries"] = getattr(load, "hello_retries", 0)
         others: dict[str, dict[str, Any]] = {}
         for n in scratch.running_nodes():
             st = await asyncio.to_thread(scratch.status, n, 1.0)
