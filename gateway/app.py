@@ -21,7 +21,9 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.typing import Origin
 
+from gateway.ratelimit import TokenBucket
 from gateway.session import PushVerdict, Session, SessionState
 from server.admin import admin_routes
 from server.config import ClusterConfig
@@ -138,6 +140,7 @@ class Gateway:
         self._link_tasks: dict[str, asyncio.Task[None]] = {}
         self.sessions: dict[int, ClientSession] = {}
         self.sessions_by_player: dict[str, ClientSession] = {}
+        self._per_address: dict[str, int] = {}  # open sockets per source IP
         self._session_prefix = random.getrandbits(24) << 32
         self._session_counter = 0
         self.started_at = time.time()
@@ -350,10 +353,26 @@ class Gateway:
         return claims.player
 
     async def handle(self, ws: ServerConnection) -> None:
-        if len(self.sessions) >= self.settings.max_sessions:
+        address = ws.remote_address[0] if ws.remote_address else ""
+        per_address = self._per_address.get(address, 0)
+        if (
+            len(self.sessions) >= self.settings.max_sessions
+            or per_address >= self.settings.max_sessions_per_address
+        ):
             self.metrics.closes.labels(str(int(CloseCode.TRY_AGAIN_LATER))).inc()
             await ws.close(CloseCode.TRY_AGAIN_LATER, "gateway full")
             return
+        self._per_address[address] = per_address + 1
+        try:
+            await self._handle(ws)
+        finally:
+            left = self._per_address[address] - 1
+            if left:
+                self._per_address[address] = left
+            else:
+                del self._per_address[address]
+
+    async def _handle(self, ws: ServerConnection) -> None:
         sock = ws.transport.get_extra_info("socket")
         if sock is not None and self.settings.socket_send_buffer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.socket_send_buffer)
@@ -421,8 +440,14 @@ class Gateway:
     async def _serve(self, cs: ClientSession) -> None:
         ws = cs.ws
         core = cs.core
+        settings = self.settings
+        bucket = TokenBucket(settings.rate_limit_per_s, settings.rate_limit_burst, time.monotonic())
         while True:
             payload = await ws.recv(decode=False)
+            if not bucket.take(time.monotonic()):
+                cs.close(CloseCode.RATE_LIMITED, "too many frames; slow down")
+                await ws.wait_closed()  # our code, not the 1000 of a returning handler
+                return
             if not core.has_space:
                 cs.space.clear()
                 await cs.space.wait()  # backpressure: stop reading this client
@@ -483,6 +508,8 @@ class Gateway:
             registry=self.metrics.registry,
             websocket_path="/ws",
         )
+        allowed = [o.strip() for o in self.settings.allowed_origins.split(",") if o.strip()]
+        origins: list[Origin | None] | None = [Origin(o) for o in allowed] or None
         server = await serve(
             self.handle,
             self.settings.host,
@@ -491,6 +518,7 @@ class Gateway:
             max_size=self.settings.max_frame_bytes,
             compression=None,
             close_timeout=self.settings.close_timeout_s,
+            origins=origins,
         )
         log.info("gateway started", extra={"url": f"ws://{self.settings.host}:{self.settings.port}/ws"})
         await self._stopping.wait()

@@ -31,6 +31,7 @@ def write_config(directory: Path, *, nodes: int = 3, standby: int = 0, extra: st
         f"port = {ports[1]}",
         f"gossip_port = {ports[2]}",
         "handshake_timeout_s = 1.0",
+        "rate_limit_per_s = 1000000.0  # closed-loop tests and benchmarks go as fast as they can",
         "max_frame_bytes = 4096",
     ]
     extra_sections: dict[str, list[str]] = {}
@@ -43,7 +44,9 @@ def write_config(directory: Path, *, nodes: int = 3, standby: int = 0, extra: st
         elif line and section:
             extra_sections[section].append(line)
     if "[gateway]" in extra_sections:
-        lines += extra_sections.pop("[gateway]")
+        overrides = extra_sections.pop("[gateway]")
+        keys = {line.split("=")[0].strip() for line in overrides}
+        lines = [line for line in lines if line.split("=")[0].strip() not in keys] + overrides
     for header, body in extra_sections.items():
         lines += [header, *body]
     for i in range(nodes + standby):

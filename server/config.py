@@ -77,6 +77,10 @@ class GatewaySettings:
     handshake_timeout_s: float = 5.0  # time allowed for the hello frame
     attach_timeout_s: float = 5.0  # node activation of the player during hello
     max_sessions: int = 20_000
+    max_sessions_per_address: int = 1_000  # from one source IP; more get 1013
+    rate_limit_per_s: float = 100.0  # client frames a second per session, sustained
+    rate_limit_burst: float = 200.0  # frames a session may send at once; past the limit: close 4006
+    allowed_origins: str = ""  # comma-separated Origin allow-list for browsers; empty: any
     max_replay: int = 1024  # requests kept per session until the node reports them durable
     max_outbound: int = 256  # frames queued per client before it is closed as too slow
     move_timeout_s: float = 10.0  # how long a session's requests wait for its node to come back

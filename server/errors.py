@@ -65,6 +65,7 @@ class CloseCode(enum.IntEnum):
     SESSION_REPLACED = 4003  # a newer hello for the same player took over
     TOO_SLOW = 4004  # the client did not read its frames; outbound queue full
     OWNER_LOST = 4005  # the player's node stayed unreachable past move_timeout_s
+    RATE_LIMITED = 4006  # more frames than rate_limit_per_s / rate_limit_burst allow
 
 
 def error_reply(request_id: Any, exc: RingsideError) -> bytes:

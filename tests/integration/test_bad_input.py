@@ -143,3 +143,56 @@ def test_hostile_clients_do_not_disturb_an_honest_one(cluster):
     assert cluster.stored_state("honest")["xp"] == acked == 300
     for name in cluster.local.process_names():
         assert cluster.local.pid(name) is not None, f"{name} died"
+
+
+def test_a_flooding_client_is_closed_with_4006_and_others_are_not(make_cluster):
+    cluster = make_cluster(extra="[gateway]\nrate_limit_per_s = 20.0\nrate_limit_burst = 40.0")
+
+    async def main():
+        calm = await RingsideClient.connect(cluster.url, cluster.token("calm"))
+        flood = await RingsideClient.connect(cluster.url, cluster.token("flood"))
+        for _ in range(200):
+            try:
+                await flood.send_raw('{"id": 1, "op": "ping"}')
+            except ConnectionClosed:
+                break
+        await flood.ws.wait_closed()
+        assert flood.ws.close_code == 4006
+        for _ in range(10):
+            assert await calm.request("ping") == {"pong": True}
+        assert calm.closed_with is None
+        await calm.close()
+
+    asyncio.run(main())
+
+
+def test_connections_per_address_are_capped(make_cluster):
+    cluster = make_cluster(extra="[gateway]\nmax_sessions_per_address = 3")
+
+    async def main():
+        clients = [await RingsideClient.connect(cluster.url, cluster.token(f"a{i}")) for i in range(3)]
+        with pytest.raises((ConnectionClosed, Exception)) as refused:
+            await RingsideClient.connect(cluster.url, cluster.token("a3"))
+        assert "1013" in str(refused.value)
+        await clients[0].close()
+        await asyncio.sleep(0.2)
+        extra = await RingsideClient.connect(cluster.url, cluster.token("a3"))  # a slot freed
+        for c in [*clients[1:], extra]:
+            await c.close()
+
+    asyncio.run(main())
+
+
+def test_origin_allow_list(make_cluster):
+    cluster = make_cluster(extra='[gateway]\nallowed_origins = "https://game.example"')
+
+    async def main():
+        with pytest.raises(Exception) as refused:
+            async with connect(cluster.url, origin="https://evil.example"):
+                pass
+        assert "403" in str(refused.value)
+        async with connect(cluster.url, origin="https://game.example") as ws:
+            await ws.send(orjson.dumps({"op": "hello", "token": cluster.token("o")}).decode())
+            assert orjson.loads(await ws.recv())["op"] == "welcome"
+
+    asyncio.run(main())
