@@ -58,6 +58,24 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Print a new gossip key and how to rotate keys without downtime."""
+    import base64
+    import secrets
+
+    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    print(key)
+    print(
+        "\nGossip keyring rotation, with no downtime (cluster.gossip_keys or RINGSIDE_GOSSIP_KEYS,\n"
+        "comma-separated; the first key seals, every key opens):\n"
+        "  1. append the new key on every member, restart them one by one (`make deploy`);\n"
+        "  2. move it first on every member, deploy again: members now seal with it;\n"
+        "  3. remove the old key, deploy again.",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _cluster(args: argparse.Namespace) -> LocalCluster:
     return LocalCluster(load_config(args.config), args.config)
 
@@ -185,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("players", nargs="+")
     p.add_argument("--ttl", type=int, default=None, help="seconds until expiry")
     p.set_defaults(func=cmd_token)
+    sub.add_parser("keys", help="print a new gossip key and the rotation steps").set_defaults(func=cmd_keys)
     sub.add_parser("up", help="start the local cluster in the background").set_defaults(func=cmd_up)
     sub.add_parser("run", help="start the local cluster in the foreground").set_defaults(func=cmd_run)
     sub.add_parser("down", help="stop the local cluster").set_defaults(func=cmd_down)

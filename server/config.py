@@ -7,6 +7,7 @@ environment overrides both: `RINGSIDE_<SECTION>_<KEY>` (for example
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from server.swim import SwimConfig
+from server.swim_codec import GossipKey, Keyring
 
 DEV_SECRET = "ringside-development-secret-do-not-use-in-production"
 DEV_ADMIN_TOKEN = "ringside-development-admin-token"
@@ -40,6 +42,7 @@ class NodeAddress:
 class NodeSettings:
     flush_interval_ms: int = 100  # write-behind period; also the replay window on a crash
     flush_batch_max: int = 512  # actor states per pipelined Redis round trip
+    redis_max_connections: int = 64  # per node; more concurrent commands wait for one
     max_dirty: int = 50_000  # dirty actors held while Redis is away; past it writes get `unavailable`
     max_activations: int = 100_000  # per node; least recently used clean actors passivate first
     idle_timeout_s: float = 300.0  # an actor unused this long passivates
@@ -114,6 +117,9 @@ class RedisSettings:
 class ClusterConfig:
     secret: str = DEV_SECRET
     admin_token: str = DEV_ADMIN_TOKEN  # required by /admin/* actions (drain)
+    # Comma-separated base64 AES keys (16/24/32 bytes): gossip is sealed with AES-GCM, the
+    # first key seals, all open (see `ringside keys`). Empty: HMAC-only (development).
+    gossip_keys: str = ""
     run_dir: str = ".run"
     redis: RedisSettings = field(default_factory=RedisSettings)
     node: NodeSettings = field(default_factory=NodeSettings)
@@ -130,7 +136,13 @@ class ClusterConfig:
         return self.secret.encode()
 
     @property
-    def gossip_key(self) -> bytes:
+    def gossip_key(self) -> GossipKey:
+        if self.gossip_keys:
+            try:
+                keys = [base64.b64decode(k.strip(), validate=True) for k in self.gossip_keys.split(",")]
+                return Keyring(keys)
+            except ValueError as exc:
+                raise ConfigError(f"gossip_keys: {exc}") from exc
         return hashlib.sha256(b"ringside-gossip\0" + self.secret_bytes).digest()
 
     def gossip_seeds(self) -> list[tuple[str, int]]:
@@ -215,9 +227,11 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         raise ConfigError("node names must be unique")
     secret = env.get("RINGSIDE_SECRET") or cluster.get("secret", DEV_SECRET)
     admin_token = env.get("RINGSIDE_ADMIN_TOKEN") or cluster.get("admin_token", DEV_ADMIN_TOKEN)
-    return ClusterConfig(
+    gossip_keys = env.get("RINGSIDE_GOSSIP_KEYS") or cluster.get("gossip_keys", "")
+    config = ClusterConfig(
         secret=secret,
         admin_token=admin_token,
+        gossip_keys=gossip_keys,
         run_dir=env.get("RINGSIDE_RUN_DIR") or cluster.get("run_dir", ".run"),
         redis=redis,
         node=_section(NodeSettings, data.get("node", {}), env, "NODE"),
@@ -225,3 +239,5 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         swim=_section(SwimConfig, data.get("swim", {}), env, "SWIM"),
         nodes=nodes,
     )
+    config.gossip_key  # noqa: B018 - fail at load time on bad keys, not in a gossip thread
+    return config

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 from server.swim import MemberEvent, Outgoing, Swim, SwimConfig
-from server.swim_codec import Addr, GossipDecodeError, PushPull, decode, encode
+from server.swim_codec import Addr, GossipDecodeError, GossipKey, PushPull, decode, encode
 
 __all__ = ["GossipEndpoint"]
 
@@ -69,7 +69,7 @@ class GossipEndpoint:
         host: str,
         port: int,
         *,
-        key: bytes,
+        key: GossipKey,
         seeds: Sequence[Addr] = (),
         meta: Mapping[str, Any] | None = None,
         config: SwimConfig | None = None,

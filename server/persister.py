@@ -36,6 +36,7 @@ class Persister:
         self.last_flush_duration = 0.0
         self.last_success = clock()
         self._wake = asyncio.Event()
+        self.on_flushed: Callable[[float], None] = lambda seconds: None  # metrics hook
 
     def kick(self) -> None:
         """Flush now instead of at the next period (shutdown, drain)."""
@@ -95,6 +96,7 @@ class Persister:
             )
             return
         self.last_flush_duration = time.perf_counter() - started
+        self.on_flushed(self.last_flush_duration)
         self.last_success = self._clock()
         self.flushes_total += 1
         self._wb.flushed([a.key for a in acts])

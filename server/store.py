@@ -42,14 +42,21 @@ def epoch_key(actor: str) -> str:
 
 
 class Store:
-    def __init__(self, url: str, *, timeout: float = 2.0) -> None:
-        self._redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
+    def __init__(self, url: str, *, timeout: float = 2.0, max_connections: int = 64) -> None:
+        # A blocking pool: a burst of activations waits for a connection instead of
+        # failing with "Too many connections" (redis-py's default pool stops at 100).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
         )
+        self._redis = aioredis.Redis(connection_pool=pool, retry_on_timeout=False)
         self._cas_sha: str | None = None
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        await self._redis.aclose(close_connection_pool=True)
 
     async def ping(self) -> bool:
         try:

@@ -14,15 +14,20 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = [
     "Ack",
     "GossipDecodeError",
+    "GossipKey",
+    "Keyring",
     "Member",
     "MemberState",
     "Message",
@@ -36,6 +41,7 @@ __all__ = [
 ]
 
 VERSION = 1
+SEALED = 2  # AES-GCM packets
 MAC_SIZE = 32
 MAX_NAME = 255
 MAX_ITEMS = 8192  # rumors per packet or members per push-pull; far above any sane cluster
@@ -166,8 +172,40 @@ def _mac(key: bytes, body: bytes) -> bytes:
     return hmac.new(key, body, hashlib.sha256).digest()
 
 
-def encode(msg: Message, key: bytes) -> bytes:
-    body = bytes([VERSION]) + orjson.dumps(_to_obj(msg))
+class Keyring:
+    """AES-GCM keys for gossip: the first key seals, every key opens, so keys rotate
+    without downtime (add a key everywhere, then make it first everywhere, then drop the
+    old one). Wire format: ``SEALED (1 byte) || nonce (12) || ciphertext+tag``."""
+
+    def __init__(self, keys: list[bytes]) -> None:
+        if not keys or any(len(k) not in (16, 24, 32) for k in keys):
+            raise ValueError("gossip keys are 16, 24 or 32 bytes, at least one")
+        self._ciphers = [AESGCM(k) for k in keys]
+
+    def seal(self, payload: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return bytes([SEALED]) + nonce + self._ciphers[0].encrypt(nonce, payload, bytes([SEALED]))
+
+    def open(self, data: bytes) -> bytes:
+        if len(data) < 1 + 12 + 16 or data[0] != SEALED:
+            raise GossipDecodeError("not a sealed packet")
+        nonce, sealed = data[1:13], data[13:]
+        for cipher in self._ciphers:
+            try:
+                return cipher.decrypt(nonce, sealed, bytes([SEALED]))
+            except InvalidTag:
+                continue
+        raise GossipDecodeError("no key opens this packet")
+
+
+GossipKey = bytes | Keyring  # bytes: HMAC-only mode (development); Keyring: AES-GCM
+
+
+def encode(msg: Message, key: GossipKey) -> bytes:
+    payload = orjson.dumps(_to_obj(msg))
+    if isinstance(key, Keyring):
+        return key.seal(payload)
+    body = bytes([VERSION]) + payload
     return body + _mac(key, body)
 
 
@@ -254,17 +292,21 @@ def _from_obj(obj: Any) -> Message:
     raise GossipDecodeError("unknown message type")
 
 
-def decode(data: bytes, key: bytes) -> Message:
+def decode(data: bytes, key: GossipKey) -> Message:
     """Verify and parse one packet; raises :class:`GossipDecodeError` and nothing else."""
-    if len(data) < 1 + MAC_SIZE + 2:
-        raise GossipDecodeError("packet too short")
-    body, mac = data[:-MAC_SIZE], data[-MAC_SIZE:]
-    if not hmac.compare_digest(mac, _mac(key, body)):
-        raise GossipDecodeError("bad MAC")
-    if body[0] != VERSION:
-        raise GossipDecodeError(f"unsupported version {body[0]}")
+    if isinstance(key, Keyring):
+        payload = key.open(data)
+    else:
+        if len(data) < 1 + MAC_SIZE + 2:
+            raise GossipDecodeError("packet too short")
+        body, mac = data[:-MAC_SIZE], data[-MAC_SIZE:]
+        if not hmac.compare_digest(mac, _mac(key, body)):
+            raise GossipDecodeError("bad MAC")
+        if body[0] != VERSION:
+            raise GossipDecodeError(f"unsupported version {body[0]}")
+        payload = body[1:]
     try:
-        obj = orjson.loads(body[1:])
+        obj = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         raise GossipDecodeError("malformed JSON") from exc
     try:
