@@ -1,0 +1,55 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from server.config import NodeSettings
+from server.errors import BadJson, BadRequest, RingsideError
+from server.player import PlayerState, parse_request
+
+LIMITS = NodeSettings()
+ERROR_CODES = {"bad_json", "bad_request", "unknown_op"}
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    max_leaves=20,
+)
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_parse_or_raise_a_documented_error(data):
+    try:
+        parse_request(data)
+    except RingsideError as exc:
+        assert exc.code in ERROR_CODES
+
+
+@given(st.dictionaries(st.sampled_from(["set", "incr", "x"]), json_values, max_size=3))
+def test_any_update_is_applied_whole_or_refused_whole(args):
+    player = PlayerState("p")
+    before = player.to_blob()
+    try:
+        player.handle("player.update", args, LIMITS, seq=1)
+    except RingsideError as exc:
+        assert exc.code in ERROR_CODES
+        assert player.to_blob() == before  # nothing half-applied
+    else:
+        assert player.applied_seq == 1
+
+
+def test_parse_errors_carry_the_id_when_known():
+    with pytest.raises(BadRequest) as err:
+        parse_request(b'{"id": 4, "op": 5}')
+    assert err.value.request_id == 4
+    with pytest.raises(BadJson):
+        parse_request(b"{")
+
+
+def test_update_validates_and_applies():
+    player = PlayerState("p")
+    result, mutated = player.handle(
+        "player.update", {"set": {"name": "P", "position": [1, 2.5, 3]}, "incr": {"xp": 5}}, LIMITS, seq=3
+    )
+    assert mutated and result["xp"] == 5 and result["applied_seq"] == 3
+    back = PlayerState.from_blob(player.to_blob(), "p")
+    assert back.view() == player.view()
