@@ -18,11 +18,12 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Origin
 
+from gateway.dashboard import FEED_PATH, Dashboard, LinkBytes, MemberStates, count_member_events
 from gateway.ratelimit import TokenBucket
 from gateway.session import PushVerdict, Session, SessionState
 from server.admin import admin_routes
@@ -37,6 +38,7 @@ from server.wire import Frame, Kind
 log = logging.getLogger("ringside.gateway")
 
 FILL_RETRY_S = 0.25  # ask again if a gap persists this long
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class HelloRefused(Exception):
@@ -61,6 +63,8 @@ class ClientSession:
         "_on_close",
         "fills",
         "fill_sent_at",
+        "probe_seq",
+        "probe_at",
     )
 
     def __init__(
@@ -81,6 +85,10 @@ class ClientSession:
         self._on_close = on_close
         self.fills: dict[int, int] = {}  # stream -> seq a fill was asked from
         self.fill_sent_at = 0.0
+        # One request in flight per session is timed (client-to-reply at the gateway):
+        # a compare per reply instead of a timestamp per request.
+        self.probe_seq = 0
+        self.probe_at = 0.0
 
     def push(self, payload: bytes) -> None:
         try:
@@ -122,6 +130,34 @@ class GatewayMetrics:
         Gauge("ringside_gateway_links_up", "Node links connected", registry=r).set_function(
             lambda: sum(1 for link in gateway.links.values() if link is not None and link.is_open)
         )
+        # -- observability (issue 8) --
+        self.requests = Counter("ringside_gateway_requests", "Client requests forwarded", registry=r)
+        self.request_seconds = Histogram(
+            "ringside_gateway_request_seconds",
+            "Round trip of a request at the gateway, client frame in to reply out (sampled)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.pushes = Counter("ringside_gateway_pushes", "Pushed events delivered to clients", registry=r)
+        self.session_moves = Counter(
+            "ringside_gateway_session_moves",
+            "Sessions re-attached to a new owner (failover, drain)",
+            registry=r,
+        )
+        self.move_seconds = Histogram(
+            "ringside_gateway_move_seconds",
+            "Time a session spent moving between owners",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0),
+            registry=r,
+        )
+        self.member_events = Counter(
+            "ringside_gateway_member_events",
+            "Membership changes seen",
+            ["from_state", "to_state"],
+            registry=r,
+        )
+        r.register(MemberStates("ringside_gateway_members", gateway.membership))
+        r.register(LinkBytes("ringside_gateway_link_bytes", gateway.links))
 
 
 class Gateway:
@@ -261,12 +297,16 @@ class Gateway:
             if kind is Kind.REPLY:
                 if core.on_reply(frame.seq, frame.aux):
                     cs.push(frame.payload)
+                    if frame.seq == cs.probe_seq:
+                        cs.probe_seq = 0
+                        self.metrics.request_seconds.observe(time.perf_counter() - cs.probe_at)
                 if core.has_space:
                     cs.space.set()
             elif kind is Kind.PUSH:
                 verdict = core.on_push(frame.aux, frame.seq)
                 if verdict is PushVerdict.DELIVER:
                     cs.push(frame.payload)
+                    self.metrics.pushes.inc()
                 elif verdict is PushVerdict.GAP:
                     self._request_fill(cs, link, frame.aux)
             elif kind is Kind.DURABLE:
@@ -296,6 +336,9 @@ class Gateway:
         core = cs.core
         if core.state is not SessionState.ATTACHING:
             return
+        if not core.fresh and core.moving_since is not None:
+            self.metrics.session_moves.inc()
+            self.metrics.move_seconds.observe(time.monotonic() - core.moving_since)
         replay = core.attached(link.name, frame.seq)
         for seq, payload in replay:
             link.send(Kind.REQUEST, core.id, seq, 0, payload)
@@ -454,6 +497,10 @@ class Gateway:
             if core.state is SessionState.CLOSED:
                 return
             seq = core.submit(payload)
+            self.metrics.requests.inc()
+            if cs.probe_seq == 0:
+                cs.probe_seq = seq
+                cs.probe_at = time.perf_counter()
             if core.state is SessionState.PINNED:
                 link = self.links.get(core.node)
                 if link is not None:
@@ -502,16 +549,20 @@ class Gateway:
             loop.add_signal_handler(sig, self._stopping.set)
         await self.membership.start()
         self._tasks.append(loop.create_task(self._watch_moves()))
+        self._tasks.append(loop.create_task(count_member_events(self.membership, self.metrics.member_events)))
+        dashboard = Dashboard(self)
         routes = admin_routes(
             status=self.status,
             health=self.health,
             registry=self.metrics.registry,
             websocket_path="/ws",
+            extra_websocket_paths=(FEED_PATH,),
+            pages=dashboard.page,
         )
         allowed = [o.strip() for o in self.settings.allowed_origins.split(",") if o.strip()]
         origins: list[Origin | None] | None = [Origin(o) for o in allowed] or None
         server = await serve(
-            self.handle,
+            dashboard.route(self.handle),
             self.settings.host,
             self.settings.port,
             process_request=routes,
@@ -529,6 +580,7 @@ class Gateway:
         await asyncio.sleep(0.1)
         server.close()
         await server.wait_closed()
+        await dashboard.stop()
         for task in [*self._tasks, *self._link_tasks.values()]:
             task.cancel()
         await self.membership.leave(self.settings.leave_timeout_s)

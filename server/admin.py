@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -23,6 +23,7 @@ log = logging.getLogger("ringside.admin")
 StatusFn = Callable[[], dict[str, Any]]
 ActionFn = Callable[[], dict[str, Any]]
 HealthFn = Callable[[], tuple[bool, str]]
+PageFn = Callable[[ServerConnection, Request], Response | None]
 
 
 def _respond(conn: ServerConnection, status: int, body: bytes, content_type: str) -> Response:
@@ -36,6 +37,11 @@ def _respond(conn: ServerConnection, status: int, body: bytes, content_type: str
     return response
 
 
+def http_response(conn: ServerConnection, status: int, body: bytes, content_type: str) -> Response:
+    """An uncached response with `body`, for routes beside the admin ones (the dashboard)."""
+    return _respond(conn, status, body, content_type)
+
+
 def json_response(conn: ServerConnection, status: int, data: Any) -> Response:
     return _respond(conn, status, orjson.dumps(data, option=orjson.OPT_INDENT_2), "application/json")
 
@@ -46,6 +52,8 @@ def admin_routes(
     health: HealthFn,
     registry: CollectorRegistry,
     websocket_path: str | None = None,
+    extra_websocket_paths: Collection[str] = (),
+    pages: PageFn | None = None,
     actions: Mapping[str, ActionFn] | None = None,
     admin_token: str = "",
 ) -> Callable[[ServerConnection, Request], Awaitable[Response | None]]:
@@ -53,12 +61,15 @@ def admin_routes(
 
     `/admin/<action>` runs `actions[action]()` when the request carries
     `Authorization: Bearer <admin_token>`; every attempt is logged with its peer.
+    `extra_websocket_paths` also go through to the WebSocket handler (which must tell
+    them apart by `connection.request.path`); `pages(conn, request)` may answer any
+    other path (the gateway's dashboard) before the 404.
     """
     actions = actions or {}
 
     async def process_request(conn: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
-        if websocket_path is not None and path == websocket_path:
+        if (websocket_path is not None and path == websocket_path) or path in extra_websocket_paths:
             return None
         if path.startswith("/admin/"):
             name = path.removeprefix("/admin/")
@@ -80,6 +91,8 @@ def admin_routes(
             return json_response(conn, HTTPStatus.OK, status())
         if path == "/metrics":
             return _respond(conn, HTTPStatus.OK, generate_latest(registry), "text/plain; version=0.0.4")
+        if pages is not None and (page := pages(conn, request)) is not None:
+            return page
         return json_response(conn, HTTPStatus.NOT_FOUND, {"error": f"no route {path}"})
 
     return process_request

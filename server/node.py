@@ -85,6 +85,59 @@ class NodeMetrics:
         for name, (doc, fn) in gauges.items():
             Gauge(name, doc, registry=r).set_function(fn)
 
+        # Observability (issue 8): read at scrape time from counters the parts already
+        # keep, so nothing here costs the hot path. Labels are bounded (states, kinds).
+        from collections.abc import Iterator
+
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+        def collect() -> Iterator[Metric]:
+            swim = node.membership.endpoint.swim
+            members = GaugeMetricFamily("ringside_node_members", "Gossip members by state", labels=["state"])
+            by_state = dict.fromkeys(("alive", "suspect", "faulty", "leaving", "left"), 0)
+            for member in swim.members.values():
+                by_state[member.state.value] = by_state.get(member.state.value, 0) + 1
+            for state, count in by_state.items():
+                members.add_metric([state], count)
+            yield members
+            kinds = GaugeMetricFamily(
+                "ringside_node_actors_by_kind", "Active actors by kind", labels=["kind"]
+            )
+            games = sum(1 for key in node.runtime.actors if key.startswith("game:"))
+            kinds.add_metric(["player"], len(node.runtime) - games)
+            kinds.add_metric(["game"], games)
+            yield kinds
+            links = [*node.links, *getattr(node.peers, "_links", {}).values()]
+            link_bytes = CounterMetricFamily(
+                "ringside_node_link_bytes", "Bytes on open gateway and peer links", labels=["direction"]
+            )
+            link_bytes.add_metric(["in"], sum(link.bytes_in for link in links))
+            link_bytes.add_metric(["out"], sum(link.bytes_out for link in links))
+            yield link_bytes
+            counters = {
+                "ringside_node_handoffs": ("Actors handed off (ring change, drain)", node.handoffs_total),
+                "ringside_node_flushes": ("Pipelined flushes", node.persister.flushes_total),
+                "ringside_node_forwarded": ("Messages forwarded to owners", node.messaging.forwarded_total),
+                "ringside_node_gap_fills": ("Push gaps filled", node.messaging.gaps_filled_total),
+                "ringside_node_peer_calls": ("Actor calls to other nodes", node.peers.calls_total),
+                "ringside_node_peer_sends": ("One-way actor messages to other nodes", node.peers.sends_total),
+                "ringside_node_self_faulty_drops": (
+                    "Times this node dropped its activations after being declared faulty",
+                    node.self_faulty_drops,
+                ),
+                "ringside_node_gossip_dropped": ("Gossip packets dropped", node.membership.endpoint.dropped),
+            }
+            for name, (doc, value) in counters.items():
+                yield CounterMetricFamily(name, doc, value=value)
+            draining = int(node.draining_since is not None)
+            yield GaugeMetricFamily("ringside_node_draining", "1 while the node drains", value=draining)
+
+        class ScrapeTime:  # a registry wants a hashable object with collect()
+            def collect(self) -> Iterator[Metric]:
+                return collect()
+
+        r.register(ScrapeTime())
+
 
 class Node:
     def __init__(self, config: ClusterConfig, name: str) -> None:
