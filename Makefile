@@ -73,6 +73,11 @@ loadtest-ui: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m loadtest.bench
 
+.PHONY: dashboard
+dashboard: $(STAMP) ## print the operator dashboard's URL with the admin token
+	@$(BIN)/python -c "from server.config import load_config; c = load_config('$(CONFIG)'); \
+		g = c.gateway; print(f'http://{g.host}:{g.port}/?token={c.admin_token}')"
+
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
