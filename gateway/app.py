@@ -237,6 +237,8 @@ class Gateway:
                         lambda _link: None,
                         max_frame=self.config.node.max_link_frame_bytes,
                         write_buffer=self.config.node.link_write_buffer_bytes,
+                        auth_key=self.config.link_key,
+                        accepting=False,
                         name=name,
                     ),
                     *address,

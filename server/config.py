@@ -145,6 +145,10 @@ class ClusterConfig:
                 raise ConfigError(f"gossip_keys: {exc}") from exc
         return hashlib.sha256(b"ringside-gossip\0" + self.secret_bytes).digest()
 
+    @property
+    def link_key(self) -> bytes:
+        return hashlib.sha256(b"ringside-link\0" + self.secret_bytes).digest()
+
     def gossip_seeds(self) -> list[tuple[str, int]]:
         seeds = [(n.host, n.gossip_port) for n in self.nodes]
         return seeds + [(self.gateway.host, self.gateway.gossip_port)]

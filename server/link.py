@@ -1,14 +1,22 @@
 """The asyncio adapter for a node link: a TCP stream of `server.wire` frames.
 
-Used on both ends (the node serves links, the gateway dials them). When our
+Used on both ends (the node serves links, the gateway and peers dial them). When our
 peer stops reading and our write buffer passes its high-water mark we stop
 reading from the peer too, so a slow peer slows only its own link.
+
+Links are authenticated: the accepting side sends a random challenge, the dialer
+answers with an HMAC of it under the cluster's link key, and until that proof
+arrives the acceptor acts on nothing (a wrong proof or any other frame closes the
+link). The dialer holds its outgoing frames (bounded) until it has answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
+import os
 from collections.abc import Callable
 from typing import cast
 
@@ -25,6 +33,8 @@ class Link(asyncio.Protocol):
         *,
         max_frame: int,
         write_buffer: int,
+        auth_key: bytes,
+        accepting: bool,
         name: str = "",
     ) -> None:
         self._on_frames = on_frames
@@ -32,11 +42,18 @@ class Link(asyncio.Protocol):
         self._decoder = FrameDecoder(max_frame=max_frame)
         self._write_buffer = write_buffer
         self.name = name
+        self._auth_key = auth_key
+        self._accepting = accepting
+        self._challenge = b""
+        self.authenticated = False
+        self._held: list[bytes] = []  # a dialer's frames before it has answered the challenge
+        self._held_bytes = 0
         self.transport: asyncio.Transport | None = None
         self.connected = asyncio.get_running_loop().create_future()
         self.closed = asyncio.get_running_loop().create_future()
         self.bytes_in = 0
         self.bytes_out = 0
+        self.auth_failures = 0
 
     @property
     def is_open(self) -> bool:
@@ -45,6 +62,9 @@ class Link(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.transport.set_write_buffer_limits(high=self._write_buffer)
+        if self._accepting:
+            self._challenge = os.urandom(16)
+            self.transport.write(encode(Kind.LINK_CHALLENGE, 0, payload=self._challenge))
         if not self.connected.done():
             self.connected.set_result(None)
 
@@ -56,14 +76,49 @@ class Link(asyncio.Protocol):
             log.warning("bad frame on link; closing", extra={"peer": self.name, "error": str(exc)})
             self.close()
             return
+        if not self.authenticated and frames:
+            frames = self._authenticate(frames)
         if frames:
             self._on_frames(self, frames)
+
+    def _proof(self, challenge: bytes) -> bytes:
+        return hmac.new(self._auth_key, b"ringside-link\0" + challenge, hashlib.sha256).digest()
+
+    def _authenticate(self, frames: list[Frame]) -> list[Frame]:
+        first, rest = frames[0], frames[1:]
+        if self._accepting:
+            if first.kind is not Kind.LINK_PROOF or not hmac.compare_digest(
+                first.payload, self._proof(self._challenge)
+            ):
+                log.warning("link failed authentication; closing", extra={"peer": self.name})
+                self.auth_failures += 1
+                self.abort()
+                return []
+            self.authenticated = True
+            return rest
+        if first.kind is not Kind.LINK_CHALLENGE or len(first.payload) != 16:
+            log.warning("link peer sent no challenge; closing", extra={"peer": self.name})
+            self.abort()
+            return []
+        assert self.transport is not None
+        self.transport.write(encode(Kind.LINK_PROOF, 0, payload=self._proof(first.payload)))
+        self.authenticated = True
+        held, self._held = self._held, []
+        self._held_bytes = 0
+        self.transport.writelines(held)
+        return rest
 
     def send(self, kind: Kind, session: int, seq: int = 0, aux: int = 0, payload: bytes = b"") -> bool:
         if self.transport is None or self.transport.is_closing():
             return False
         data = encode(kind, session, seq, aux, payload)
         self.bytes_out += len(data)
+        if not self.authenticated:
+            if self._accepting or self._held_bytes + len(data) > self._write_buffer:
+                return False
+            self._held.append(data)
+            self._held_bytes += len(data)
+            return True
         self.transport.write(data)
         return True
 

@@ -145,7 +145,7 @@ class Node:
         self.name = name
         self.address = config.node_address(name)
         settings = config.node
-        self.store = Store(config.redis.effective_url)
+        self.store = Store(config.redis.effective_url, max_connections=settings.redis_max_connections)
         self.wb = WriteBehind(
             interval=settings.flush_interval_ms / 1000,
             batch_max=settings.flush_batch_max,
@@ -185,6 +185,7 @@ class Node:
         )
         self.peers = Peers(
             address_of=self.membership.link_address,
+            auth_key=config.link_key,
             max_frame=settings.max_link_frame_bytes,
             write_buffer=settings.link_write_buffer_bytes,
         )
@@ -204,6 +205,7 @@ class Node:
         self.handoffs_total = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.metrics = NodeMetrics(self)
+        self.persister.on_flushed = self.metrics.flush_seconds.observe
         self._stopping = asyncio.Event()
 
     # -- link frames ------------------------------------------------------
@@ -213,6 +215,8 @@ class Node:
             self._on_link_lost,
             max_frame=self.config.node.max_link_frame_bytes,
             write_buffer=self.config.node.link_write_buffer_bytes,
+            auth_key=self.config.link_key,
+            accepting=True,
         )
         self.links.add(link)
         return link
@@ -423,7 +427,9 @@ class Node:
         while any(self.wb.is_dirty(k) for k in keys) and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
         handed = 0
-        for key in keys:
+        for i, key in enumerate(keys):
+            if i % 256 == 255:
+                await asyncio.sleep(0)  # thousands of actors: keep serving meanwhile
             act = self.runtime.actors.get(key)
             timed = act is not None and act.timer is not None
             if key not in self.sessions_by_actor and moving(key) and self.runtime.passivate(key):

@@ -31,12 +31,14 @@ class Peers:
         self,
         *,
         address_of: Callable[[str], tuple[str, int] | None],
+        auth_key: bytes,
         max_frame: int,
         write_buffer: int,
         connect_timeout: float = 1.0,
         max_calls: int = 10_000,
     ) -> None:
         self._address_of = address_of
+        self._auth_key = auth_key
         self._max_frame = max_frame
         self._write_buffer = write_buffer
         self._connect_timeout = connect_timeout
@@ -80,6 +82,8 @@ class Peers:
                     self._on_lost,
                     max_frame=self._max_frame,
                     write_buffer=self._write_buffer,
+                    auth_key=self._auth_key,
+                    accepting=False,
                     name=node,
                 ),
                 *address,

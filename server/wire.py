@@ -32,6 +32,8 @@ class Kind(enum.IntEnum):
     ACTOR_REPLY = 11  # node->node: seq = correlation id; payload = JSON {"ok", "result"|"error"}
     ACTOR_SEND = 12  # node->node: one-way JSON effect
     FILL = 13  # gw->node: the client got a stream (aux) up to seq only; push what follows again
+    LINK_CHALLENGE = 14  # acceptor->dialer, first frame: payload = 16 random bytes
+    LINK_PROOF = 15  # dialer->acceptor: payload = HMAC-SHA256(link key, challenge)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import signal
 import subprocess
 
 from gateway.client import RingsideClient
 from server.cluster import http_json
 from server.store import Store, Write
-from server.wire import FrameDecoder, Kind, encode
+from server.wire import HEADER, FrameDecoder, Kind, encode
 from tests.integration.conftest import await_until, wait_until
 
 
@@ -142,8 +144,11 @@ def test_second_activation_fences_the_first_and_nothing_acknowledged_is_lost(clu
     async def steal_epoch() -> None:
         address = cluster.config.node_address(other)
         reader, writer = await asyncio.open_connection(address.host, address.link_port)
-        writer.write(encode(Kind.ATTACH, 999, payload=player.encode()))
         decoder = FrameDecoder()
+        [challenge] = decoder.feed(await reader.readexactly(HEADER.size + 16))
+        proof = hmac.new(cluster.config.link_key, b"ringside-link\0" + challenge.payload, hashlib.sha256)
+        writer.write(encode(Kind.LINK_PROOF, 0, payload=proof.digest()))
+        writer.write(encode(Kind.ATTACH, 999, payload=player.encode()))
         frames = []
         while not frames:
             frames = decoder.feed(await reader.read(65536))
@@ -181,3 +186,20 @@ def test_sigkill_of_a_node_is_seen_by_status(cluster):
     rows = {r["name"]: r for r in cluster.local.status()}
     assert not rows["n2"]["running"] and rows["n1"]["healthy"]
     assert signal.SIGKILL  # the drill used SIGKILL, not a graceful stop
+
+
+def test_an_unauthenticated_link_cannot_attach_a_player(cluster):
+    """Node link ports are not for clients: without the link key's proof nothing is acted on."""
+
+    async def main():
+        address = cluster.config.node_address("n1")
+        reader, writer = await asyncio.open_connection(address.host, address.link_port)
+        writer.write(encode(Kind.LINK_PROOF, 0, payload=b"\0" * 32))  # a guess
+        writer.write(encode(Kind.ATTACH, 7, payload=b"victim"))
+        data = await asyncio.wait_for(reader.read(), 5)  # until the node closes the link
+        frames = FrameDecoder().feed(data)
+        assert [f.kind for f in frames] == [Kind.LINK_CHALLENGE]
+        writer.close()
+
+    asyncio.run(main())
+    assert cluster.node_status("n1")["actors"] == 0
