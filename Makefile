@@ -60,18 +60,21 @@ RATE ?= 10
 DURATION ?= 60s
 SPAWN ?= 50
 CHAOS ?=
+PROCESSES ?=
+BENCH_ARGS ?=
+LOCUST_PROCESSES = $(if $(PROCESSES),--processes $(PROCESSES),)
 LOCUST_ENV = RINGSIDE_CONFIG=$(CONFIG) RINGSIDE_RATE=$(RATE) RINGSIDE_CHAOS=$(CHAOS)
 
 loadtest: $(STAMP)
 	mkdir -p .run/loadtest
-	$(LOCUST_ENV) $(BIN)/locust -f loadtest/locustfile.py --headless -u $(USERS) -r $(SPAWN) \
+	$(LOCUST_ENV) $(BIN)/locust -f loadtest/locustfile.py $(LOCUST_PROCESSES) --headless -u $(USERS) -r $(SPAWN) \
 		-t $(DURATION) --csv .run/loadtest/ringside --html .run/loadtest/report.html --only-summary
 
 loadtest-ui: $(STAMP)
-	$(LOCUST_ENV) $(BIN)/locust -f loadtest/locustfile.py
+	$(LOCUST_ENV) $(BIN)/locust -f loadtest/locustfile.py $(LOCUST_PROCESSES)
 
 bench: $(STAMP)
-	$(BIN)/python -m loadtest.bench
+	$(BIN)/python -m loadtest.bench $(BENCH_ARGS)
 
 .PHONY: dashboard
 dashboard: $(STAMP) ## print the operator dashboard's URL with the admin token
