@@ -32,6 +32,7 @@ from server.errors import CloseCode
 from server.link import Link
 from server.membership import Membership
 from server.ring import HashRing
+from server.store import Store, StoreUnavailable
 from server.tokens import TokenError, verify
 from server.wire import Frame, Kind
 
@@ -120,6 +121,11 @@ class GatewayMetrics:
         self.registry = r = CollectorRegistry()
         self.closes = Counter("ringside_gateway_closes", "Client sockets closed", ["code"], registry=r)
         self.hellos = Counter("ringside_gateway_hellos", "Hello attempts", ["result"], registry=r)
+        self.revocation_unchecked = Counter(
+            "ringside_gateway_revocation_unchecked",
+            "Hellos let in without a revocation check (Redis unreachable)",
+            registry=r,
+        )
         self.fills = Counter("ringside_gateway_fills", "Gap fills asked of owners", registry=r)
         self.replayed = Counter(
             "ringside_gateway_replayed_requests", "Requests replayed to a new owner", registry=r
@@ -164,6 +170,7 @@ class Gateway:
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
         self.settings = config.gateway
+        self.store = Store(config.redis.effective_url, max_connections=8)
         self.membership = Membership(
             config,
             name="gateway",
@@ -395,6 +402,16 @@ class Gateway:
             claims = verify(self.config.secret_bytes, hello.get("token"), now=time.time())
         except TokenError as exc:
             raise HelloRefused(CloseCode.UNAUTHORIZED, "unauthorized", f"token {exc.reason}") from exc
+        if claims.token_id:
+            try:
+                revoked = await self.store.is_revoked(claims.token_id)
+            except StoreUnavailable:
+                # Fail open: with Redis away, players whose actors are in memory can still
+                # play; revocation resumes with Redis. Counted so operators see it.
+                self.metrics.revocation_unchecked.inc()
+                revoked = False
+            if revoked:
+                raise HelloRefused(CloseCode.UNAUTHORIZED, "unauthorized", "token revoked")
         return claims.player
 
     async def handle(self, ws: ServerConnection) -> None:
@@ -586,3 +603,4 @@ class Gateway:
         for task in [*self._tasks, *self._link_tasks.values()]:
             task.cancel()
         await self.membership.leave(self.settings.leave_timeout_s)
+        await self.store.close()

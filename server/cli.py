@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import sys
@@ -73,6 +74,33 @@ def cmd_keys(args: argparse.Namespace) -> int:
         "  3. remove the old key, deploy again.",
         file=sys.stderr,
     )
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    """Revoke tokens until they expire: the gateway refuses them at hello (4001)."""
+    from server.store import Store
+    from server.tokens import verify
+
+    config = load_config(args.config)
+
+    async def revoke() -> None:
+        store = Store(config.redis.effective_url)
+        try:
+            for token in args.tokens:
+                claims = verify(config.secret_bytes, token, now=time.time())
+                if not claims.token_id:
+                    raise TokenError("token has no id (minted by an old version); rotate the secret")
+                await store.revoke(claims.token_id, claims.expires_at - int(time.time()))
+                print(f"revoked token {claims.token_id} of {claims.player}")
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(revoke())
+    except TokenError as exc:
+        print(f"ringside revoke: {exc.reason}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -203,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("players", nargs="+")
     p.add_argument("--ttl", type=int, default=None, help="seconds until expiry")
     p.set_defaults(func=cmd_token)
+    p = sub.add_parser("revoke", help="revoke tokens (stored in Redis until they expire)")
+    p.add_argument("tokens", nargs="+")
+    p.set_defaults(func=cmd_revoke)
     sub.add_parser("keys", help="print a new gossip key and the rotation steps").set_defaults(func=cmd_keys)
     sub.add_parser("up", help="start the local cluster in the background").set_defaults(func=cmd_up)
     sub.add_parser("run", help="start the local cluster in the foreground").set_defaults(func=cmd_run)

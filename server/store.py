@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
+from server.tokens import revoked_key
+
 # Write the state only if the caller's epoch is still the current one (invariant 1).
 CAS_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -74,6 +76,18 @@ class Store:
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
         return int(epoch), blob
+
+    async def is_revoked(self, token_id: str) -> bool:
+        try:
+            return bool(await self._redis.exists(revoked_key(token_id)))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def revoke(self, token_id: str, ttl_s: int) -> None:
+        try:
+            await self._redis.set(revoked_key(token_id), b"1", ex=max(1, ttl_s))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
 
     async def current_epoch(self, actor: str) -> int:
         try:

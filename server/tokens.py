@@ -9,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import re
+import secrets
 from dataclasses import dataclass
 
 import orjson
@@ -29,6 +30,7 @@ class TokenError(ValueError):
 class Claims:
     player: str
     expires_at: int
+    token_id: str = ""  # for revocation; empty in tokens minted before ids existed
 
 
 def _b64(data: bytes) -> str:
@@ -50,7 +52,7 @@ def valid_player_id(player: str) -> bool:
 def mint(secret: bytes, player: str, *, expires_at: int) -> str:
     if not valid_player_id(player):
         raise TokenError(f"player id must match {PLAYER_ID.pattern}")
-    body = _b64(orjson.dumps({"p": player, "exp": expires_at}))
+    body = _b64(orjson.dumps({"p": player, "exp": expires_at, "jti": secrets.token_hex(8)}))
     return f"{body}.{_b64(_mac(secret, body))}"
 
 
@@ -69,11 +71,22 @@ def verify(secret: bytes, token: object, *, now: float) -> Claims:
         raise TokenError("bad signature")
     try:
         claims = orjson.loads(_unb64(body))
-        player, expires_at = claims["p"], claims["exp"]
-    except (ValueError, KeyError, TypeError) as exc:
+        player, expires_at, token_id = claims["p"], claims["exp"], claims.get("jti", "")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise TokenError("malformed") from exc
-    if not isinstance(player, str) or not valid_player_id(player) or not isinstance(expires_at, int):
+    if (
+        not isinstance(player, str)
+        or not valid_player_id(player)
+        or not isinstance(expires_at, int)
+        or not isinstance(token_id, str)
+        or len(token_id) > 32
+    ):
         raise TokenError("malformed")
     if expires_at <= now:
         raise TokenError("expired")
-    return Claims(player, expires_at)
+    return Claims(player, expires_at, token_id)
+
+
+def revoked_key(token_id: str) -> str:
+    """The Redis key whose presence revokes a token (it expires with the token)."""
+    return f"rs:revoked:{token_id}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 
 import orjson
@@ -194,5 +195,26 @@ def test_origin_allow_list(make_cluster):
         async with connect(cluster.url, origin="https://game.example") as ws:
             await ws.send(orjson.dumps({"op": "hello", "token": cluster.token("o")}).decode())
             assert orjson.loads(await ws.recv())["op"] == "welcome"
+
+    asyncio.run(main())
+
+
+def test_a_revoked_token_is_refused(cluster):
+    token = cluster.token("revokee")
+    keep = cluster.token("revokee")
+    subprocess.run(
+        [".venv/bin/ringside", "--config", str(cluster.config_path), "revoke", token],
+        check=True,
+        capture_output=True,
+    )
+
+    async def main():
+        frame, close_code = await hello_outcome(
+            cluster.url, orjson.dumps({"op": "hello", "token": token}).decode()
+        )
+        assert frame["error"] == {"code": "unauthorized", "message": "token revoked"}
+        assert close_code == 4001
+        async with await RingsideClient.connect(cluster.url, keep) as c:  # other tokens still work
+            assert await c.request("ping") == {"pong": True}
 
     asyncio.run(main())

@@ -1,0 +1,154 @@
+"""`/metrics` after a scripted workload on real processes: exact counts where the
+workload makes them deterministic, lower bounds across a SIGKILL failover."""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.client import RingsideClient
+from server.cluster import http_json
+from tests.integration.conftest import Cluster, await_until, wait_until
+
+UPDATES = 5
+VICTIM = "n2"
+
+
+def scrape(cluster: Cluster, name: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    import urllib.request
+
+    with urllib.request.urlopen(cluster.local.admin_url(name) + "/metrics", timeout=2) as resp:
+        text = resp.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def nodes_total(cluster: Cluster, name: str, **labels: str) -> float:
+    return sum(value(scrape(cluster, n), name, **labels) for n in cluster.running_nodes())
+
+
+def players_per_node(cluster: Cluster, per_node: int) -> list[str]:
+    chosen: dict[str, list[str]] = {n: [] for n in cluster.config.node_names}
+    i = 0
+    while any(len(v) < per_node for v in chosen.values()):
+        player = f"obs{i}"
+        owned = chosen[cluster.owner(player)]
+        if len(owned) < per_node:
+            owned.append(player)
+        i += 1
+    return [p for ps in chosen.values() for p in ps]
+
+
+def test_metrics_count_a_scripted_workload_and_a_failover(cluster: Cluster) -> None:
+    players = players_per_node(cluster, 4)
+    displaced = [p for p in players if cluster.owner(p) == VICTIM]
+    sent = len(players) * (UPDATES + 1)
+
+    async def main() -> None:
+        clients = [await RingsideClient.connect(cluster.url, cluster.token(p)) for p in players]
+        for client in clients:  # closed loop: one request in flight per session
+            for _ in range(UPDATES):
+                await client.request("player.update", {"incr": {"xp": 1}})
+            await client.request("player.get")
+
+        gw = scrape(cluster, "gateway")
+        assert value(gw, "ringside_gateway_hellos_total", result="ok") == len(players)
+        assert value(gw, "ringside_gateway_sessions") == len(players)
+        assert value(gw, "ringside_gateway_requests_total") == sent
+        # Every request of a closed-loop client is the one timed.
+        assert value(gw, "ringside_gateway_request_seconds_count") == sent
+        assert value(gw, "ringside_gateway_request_seconds_sum") > 0
+        assert value(gw, "ringside_gateway_members", state="alive") == 4
+        assert value(gw, "ringside_gateway_session_moves_total") == 0
+        assert sum(v for (n, _), v in gw.items() if n == "ringside_gateway_link_bytes_total") > 0
+
+        ok = lambda op: nodes_total(cluster, "ringside_node_requests_total", op=op, result="ok")  # noqa: E731
+        assert ok("player.update") == len(players) * UPDATES
+        assert ok("player.get") == len(players)
+        assert nodes_total(cluster, "ringside_node_sessions") == len(players)
+        assert nodes_total(cluster, "ringside_node_actors_by_kind", kind="player") == len(players)
+        assert nodes_total(cluster, "ringside_node_activations_total") == len(players)
+        assert nodes_total(cluster, "ringside_node_members", state="alive") == 3 * 4
+        await asyncio.to_thread(cluster.wait_flushed)
+        assert nodes_total(cluster, "ringside_node_states_written_total") >= len(players)
+        assert nodes_total(cluster, "ringside_node_flushes_total") >= 1
+        assert nodes_total(cluster, "ringside_node_dirty_actors") == 0
+        assert nodes_total(cluster, "ringside_node_redis_errors_total") == 0
+        assert nodes_total(cluster, "ringside_node_stale_epoch_total") == 0
+
+        # Failover: SIGKILL the owner of some sessions; each displaced client is served again.
+        await asyncio.to_thread(cluster.local.kill, VICTIM)
+        for client in clients:
+            await asyncio.wait_for(client.request("player.update", {"incr": {"xp": 1}}), 15)
+        for client in clients:
+            await client.close()
+
+    asyncio.run(main())
+
+    gw = scrape(cluster, "gateway")
+    assert value(gw, "ringside_gateway_requests_total") == sent + len(players)
+    assert value(gw, "ringside_gateway_request_seconds_count") == sent + len(players)
+    moves = value(gw, "ringside_gateway_session_moves_total")
+    assert moves >= len(displaced) >= 1
+    assert value(gw, "ringside_gateway_move_seconds_count") == moves
+    assert value(gw, "ringside_gateway_member_events_total", from_state="suspect", to_state="faulty") >= 1
+    wait_until(
+        lambda: value(scrape(cluster, "gateway"), "ringside_gateway_members", state="faulty") == 1,
+        5,
+        "gateway counts the killed node faulty",
+    )
+    # The survivors activated the displaced players (new epochs) and took their requests.
+    assert nodes_total(cluster, "ringside_node_activations_total") >= 8 + len(displaced)
+    assert nodes_total(cluster, "ringside_node_requests_total", op="player.update", result="ok") >= (
+        8 * UPDATES + len(players)
+    )
+    code, status = http_json(cluster.local.admin_url("gateway") + "/status")
+    assert code == 200 and status["membership"]["members"][VICTIM] == "faulty"
+
+
+def test_dashboard_page_and_feed_require_the_admin_token(cluster: Cluster) -> None:
+    import urllib.error
+    import urllib.request
+
+    import orjson
+    from websockets.asyncio.client import connect
+
+    base = cluster.local.admin_url("gateway")
+    try:
+        urllib.request.urlopen(base + "/", timeout=2)
+        raise AssertionError("page served without a token")
+    except urllib.error.HTTPError as err:
+        assert err.code == 401
+    with urllib.request.urlopen(f"{base}/?token={cluster.config.admin_token}", timeout=2) as resp:
+        assert resp.status == 200 and b"/dashboard/feed" in resp.read()
+        assert resp.headers["Referrer-Policy"] == "no-referrer"
+
+    async def feed() -> None:
+        ws_url = base.replace("http://", "ws://") + "/dashboard/feed"
+        async with connect(ws_url) as ws:
+            await ws.send(orjson.dumps({"token": "wrong"}).decode())
+            try:
+                await asyncio.wait_for(ws.recv(), 2)
+                raise AssertionError("feed answered a wrong token")
+            except Exception as exc:  # ConnectionClosed with 1008
+                assert ws.close_code == 1008, exc
+        async with connect(ws_url) as ws:
+            await ws.send(orjson.dumps({"token": cluster.config.admin_token}).decode())
+            snap = orjson.loads(await asyncio.wait_for(ws.recv(), 3))
+            while len([m for m in snap["members"] if m["state"] == "alive"]) < 4:
+                snap = orjson.loads(await asyncio.wait_for(ws.recv(), 3))
+            assert set(snap["ring"]) == {"n1", "n2", "n3"}
+            assert abs(sum(snap["ring"].values()) - 1) < 1e-3
+            assert len(snap["sectors"]) == 180
+            snap = orjson.loads(await asyncio.wait_for(ws.recv(), 3))
+            assert all(snap["nodes"][n]["reachable"] for n in ("n1", "n2", "n3"))
+
+    asyncio.run(feed())
