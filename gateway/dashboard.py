@@ -190,7 +190,7 @@ class Dashboard:
         self.gateway = gateway
         self.token = gateway.config.admin_token
         self.feeds: set[ServerConnection] = set()
-        self.snapshot = b"{}"
+        self.snapshot = b""  # none until the first collect
         self._tick = asyncio.Event()  # replaced after each snapshot; feeds wait on it
         self._poke = asyncio.Event()  # a membership change: refresh now
         self._collector: asyncio.Task[None] | None = None
@@ -266,7 +266,8 @@ class Dashboard:
     async def _send_loop(self, ws: ServerConnection) -> None:
         # A slow browser skips snapshots; it never holds up the others.
         try:
-            await ws.send(self.snapshot.decode())
+            if self.snapshot:
+                await ws.send(self.snapshot.decode())
             while True:
                 tick = self._tick
                 await tick.wait()

@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.client import RingsideClient
 from server.cluster import http_json
-from tests.integration.conftest import Cluster, await_until, wait_until
+from tests.integration.conftest import Cluster, wait_until
 
 UPDATES = 5
 VICTIM = "n2"
