@@ -40,8 +40,10 @@ def _chromium() -> str | None:
     return shutil.which("chromium")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def browser() -> Iterator[Any]:
+    # Not session-scoped: playwright's sync API keeps an event loop running in this
+    # thread while it is open, and later tests' asyncio.run() would refuse to start.
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
     executable = _chromium()
     if executable is None:
