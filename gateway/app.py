@@ -21,6 +21,7 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 from websockets.typing import Origin
 
 from gateway.dashboard import FEED_PATH, Dashboard, LinkBytes, MemberStates, count_member_events
@@ -66,6 +67,7 @@ class ClientSession:
         "fill_sent_at",
         "probe_seq",
         "probe_at",
+        "busy",
     )
 
     def __init__(
@@ -84,6 +86,7 @@ class ClientSession:
         self.space.set()
         self.close_code: CloseCode | None = None
         self._on_close = on_close
+        self.busy = True  # frames wait in `outbound` (or no welcome yet): new ones queue behind
         self.fills: dict[int, int] = {}  # stream -> seq a fill was asked from
         self.fill_sent_at = 0.0
         # One request in flight per session is timed (client-to-reply at the gateway):
@@ -92,10 +95,19 @@ class ClientSession:
         self.probe_at = 0.0
 
     def push(self, payload: bytes) -> None:
+        ws = self.ws
+        if not self.busy and not ws.paused and ws.protocol.state is State.OPEN:
+            # Fast path: nothing queued and the socket takes data: frame it and write it
+            # now, in this callback, instead of waking the writer task for each reply.
+            ws.protocol.send_text(payload)
+            ws.send_data()
+            return
         try:
             self.outbound.put_nowait(payload)
         except asyncio.QueueFull:
             self.close(CloseCode.TOO_SLOW, "outbound queue full: client is not reading")
+            return
+        self.busy = True
 
     def close(self, code: CloseCode, reason: str) -> None:
         """Close with `code`. The close frame queues behind what the client has not read."""
@@ -107,11 +119,15 @@ class ClientSession:
             asyncio.get_running_loop().create_task(self.ws.close(code, reason))
 
     async def write_loop(self) -> None:
+        """Drains the queue that builds up while the client's socket is paused."""
         ws = self.ws
         queue = self.outbound
         try:
             while True:
-                await ws.send(await queue.get(), text=True)
+                payload = await queue.get()
+                await ws.send(payload, text=True)  # waits while the socket is paused
+                if queue.empty():
+                    self.busy = False
         except ConnectionClosed:
             pass
 
@@ -496,6 +512,7 @@ class Gateway:
             raise
         welcome = {"op": "welcome", "player": player, "session": f"{core.id:x}"}
         await ws.send(orjson.dumps(welcome), text=True)
+        cs.busy = not cs.outbound.empty()
         cs.writer = asyncio.get_running_loop().create_task(cs.write_loop())
         return cs
 

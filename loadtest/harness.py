@@ -32,6 +32,7 @@ def write_config(directory: Path, *, nodes: int = 3, standby: int = 0, extra: st
         f"gossip_port = {ports[2]}",
         "handshake_timeout_s = 1.0",
         "rate_limit_per_s = 1000000.0  # closed-loop tests and benchmarks go as fast as they can",
+        "max_sessions_per_address = 100000  # every test client comes from 127.0.0.1",
         "max_frame_bytes = 4096",
     ]
     extra_sections: dict[str, list[str]] = {}

@@ -47,6 +47,7 @@ class Link(asyncio.Protocol):
         self._challenge = b""
         self.authenticated = False
         self._held: list[bytes] = []  # a dialer's frames before it has answered the challenge
+        self._out: list[bytes] = []  # frames to write at the end of this loop iteration
         self._held_bytes = 0
         self.transport: asyncio.Transport | None = None
         self.connected = asyncio.get_running_loop().create_future()
@@ -119,8 +120,17 @@ class Link(asyncio.Protocol):
             self._held.append(data)
             self._held_bytes += len(data)
             return True
-        self.transport.write(data)
+        # Frames made in one loop iteration leave in one write (one syscall, not one each).
+        out = self._out
+        out.append(data)
+        if len(out) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_out)
         return True
+
+    def _flush_out(self) -> None:
+        out, self._out = self._out, []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
 
     def pause_writing(self) -> None:
         if self.transport is not None:

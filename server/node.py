@@ -350,7 +350,7 @@ class Node:
                 counter.inc()
         except RingsideError as exc:
             reply = error_reply(request.id, exc)
-            self.metrics.requests.labels("error", exc.code).inc()
+            self.metrics.requests.labels(_op_label(op), exc.code).inc()
         return self._durable(act, seq), reply
 
     async def _game_request(
@@ -362,7 +362,7 @@ class Node:
             self.metrics.requests.labels(request.op, "ok").inc()
         except RingsideError as exc:
             reply = error_reply(request.id, exc)
-            self.metrics.requests.labels("error", exc.code).inc()
+            self.metrics.requests.labels(_op_label(request.op), exc.code).inc()
         link.send(Kind.REPLY, session.id, seq, self._durable(act, seq), reply)
 
     def _push(self, actor: str, seq: int, stream: int, payload: bytes) -> None:
@@ -579,6 +579,14 @@ class Node:
         while True:
             await asyncio.sleep(1.0)
             self.runtime.passivate_idle(time.monotonic())
+
+
+KNOWN_OPS = frozenset({"ping", "player.get", "player.update"}) | GAME_OPS
+
+
+def _op_label(op: str) -> str:
+    """Metrics label for an op: clients choose op strings, so unknown ones share one label."""
+    return op if op in KNOWN_OPS else "other"
 
 
 async def _no_websocket(connection: Any) -> None:
