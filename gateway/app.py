@@ -68,6 +68,7 @@ class ClientSession:
         "probe_seq",
         "probe_at",
         "busy",
+        "detached_at",
     )
 
     def __init__(
@@ -87,6 +88,9 @@ class ClientSession:
         self.close_code: CloseCode | None = None
         self._on_close = on_close
         self.busy = True  # frames wait in `outbound` (or no welcome yet): new ones queue behind
+        # Set when the client's socket is gone (or taken over) while requests it was told
+        # "ok" for are not durable yet: the session stays until they are (see _close_session).
+        self.detached_at: float | None = None
         self.fills: dict[int, int] = {}  # stream -> seq a fill was asked from
         self.fill_sent_at = 0.0
         # One request in flight per session is timed (client-to-reply at the gateway):
@@ -95,6 +99,8 @@ class ClientSession:
         self.probe_at = 0.0
 
     def push(self, payload: bytes) -> None:
+        if self.detached_at is not None:
+            return
         ws = self.ws
         if not self.busy and not ws.paused and ws.protocol.state is State.OPEN:
             # Fast path: nothing queued and the socket takes data: frame it and write it
@@ -140,6 +146,11 @@ class GatewayMetrics:
         self.revocation_unchecked = Counter(
             "ringside_gateway_revocation_unchecked",
             "Hellos let in without a revocation check (Redis unreachable)",
+            registry=r,
+        )
+        self.undurable_dropped = Counter(
+            "ringside_gateway_undurable_dropped",
+            "Acknowledged requests of closed sessions given up before they were durable",
             registry=r,
         )
         self.fills = Counter("ringside_gateway_fills", "Gap fills asked of owners", registry=r)
@@ -327,6 +338,8 @@ class Gateway:
                         self.metrics.request_seconds.observe(time.perf_counter() - cs.probe_at)
                 if core.has_space:
                     cs.space.set()
+                if cs.detached_at is not None:
+                    self._release_if_durable(cs)
             elif kind is Kind.PUSH:
                 verdict = core.on_push(frame.aux, frame.seq)
                 if verdict is PushVerdict.DELIVER:
@@ -338,6 +351,8 @@ class Gateway:
                 core.on_durable(frame.seq)
                 if core.has_space:
                     cs.space.set()
+                if cs.detached_at is not None:
+                    self._release_if_durable(cs)
             elif kind is Kind.ATTACHED:
                 self._on_attached(cs, link, frame)
             elif kind is Kind.SESSION_LOST:
@@ -399,8 +414,20 @@ class Gateway:
                 since = cs.core.moving_since
                 if since is not None and now - since > timeout:
                     cs.close(CloseCode.OWNER_LOST, "the player's node stayed unreachable")
+                    if cs.detached_at is not None:
+                        self._give_up(cs, "its node stayed unreachable")
+                elif cs.detached_at is not None and now - cs.detached_at > 3 * timeout:
+                    self._give_up(cs, "they were not reported durable in time")
                 elif cs.core.state is SessionState.MOVING:
                     self._reattach(cs)
+
+    def _give_up(self, cs: ClientSession, why: str) -> None:
+        log.error(
+            "dropping a closed session's requests that are not durable",
+            extra={"session": f"{cs.core.id:x}", "requests": cs.core.buffered, "why": why},
+        )
+        self.metrics.undurable_dropped.inc(cs.core.buffered)
+        self._release(cs)
 
     # -- clients ----------------------------------------------------------
     async def _hello(self, ws: ServerConnection) -> str:
@@ -478,29 +505,23 @@ class Gateway:
     async def _open_session(self, ws: ServerConnection, player: str) -> ClientSession:
         previous = self.sessions_by_player.get(player)
         if previous is not None:
-            previous.close(CloseCode.SESSION_REPLACED, "a newer session for this player took over")
-            self._close_session(previous)
-        owner = self._owner(player)
-        if owner is None:
-            raise HelloRefused(CloseCode.TRY_AGAIN_LATER, "unavailable", "no node is up")
-        self._session_counter += 1
-        core = Session(
-            self._session_prefix | self._session_counter,
-            player,
-            owner,
-            max_replay=self.settings.max_replay,
-        )
-        cs = ClientSession(
-            core,
-            ws,
-            self.settings.max_outbound,
-            lambda code: self.metrics.closes.labels(str(int(code))).inc(),
-        )
-        self.sessions[core.id] = cs
-        self.sessions_by_player[player] = cs
-        try:
+            cs = self._take_over(previous, ws)
+            core = cs.core
+        else:
+            owner = self._owner(player)
+            if owner is None:
+                raise HelloRefused(CloseCode.TRY_AGAIN_LATER, "unavailable", "no node is up")
+            self._session_counter += 1
+            core = Session(
+                self._session_prefix | self._session_counter,
+                player,
+                owner,
+                max_replay=self.settings.max_replay,
+            )
+            cs = self._client_session(core, ws)
             core.moving(time.monotonic())
             self._reattach(cs)  # now, or as soon as the owner's link is up
+        try:
             try:
                 await asyncio.wait_for(asyncio.shield(cs.attached), self.settings.attach_timeout_s)
             except TimeoutError as exc:
@@ -514,6 +535,31 @@ class Gateway:
         await ws.send(orjson.dumps(welcome), text=True)
         cs.busy = not cs.outbound.empty()
         cs.writer = asyncio.get_running_loop().create_task(cs.write_loop())
+        return cs
+
+    def _client_session(self, core: Session, ws: ServerConnection) -> ClientSession:
+        cs = ClientSession(
+            core,
+            ws,
+            self.settings.max_outbound,
+            lambda code: self.metrics.closes.labels(str(int(code))).inc(),
+        )
+        self.sessions[core.id] = cs
+        self.sessions_by_player[core.player] = cs
+        return cs
+
+    def _take_over(self, previous: ClientSession, ws: ServerConnection) -> ClientSession:
+        """A newer hello for the player continues its session (sequence numbers, requests
+        not yet durable) on the new socket; the older socket, if still open, gets 4003."""
+        if previous.detached_at is None:
+            previous.close(CloseCode.SESSION_REPLACED, "a newer session for this player took over")
+        previous.detached_at = time.monotonic()
+        previous.space.set()
+        if previous.writer is not None:
+            previous.writer.cancel()
+        cs = self._client_session(previous.core, ws)
+        if previous.attached.done() and previous.core.state is SessionState.PINNED:
+            cs.attached.set_result(None)
         return cs
 
     async def _serve(self, cs: ClientSession) -> None:
@@ -530,7 +576,7 @@ class Gateway:
             if not core.has_space:
                 cs.space.clear()
                 await cs.space.wait()  # backpressure: stop reading this client
-            if core.state is SessionState.CLOSED:
+            if core.state is SessionState.CLOSED or cs.detached_at is not None:
                 return
             seq = core.submit(payload)
             self.metrics.requests.inc()
@@ -543,6 +589,25 @@ class Gateway:
                     link.send(Kind.REQUEST, core.id, seq, 0, payload)
 
     def _close_session(self, cs: ClientSession) -> None:
+        """The client's socket is gone. Requests it was told "ok" for may not be durable
+        yet: keep the session (and its replay buffer) until they are, then release it."""
+        core = cs.core
+        if self.sessions.get(core.id) is not cs:
+            return  # taken over by a newer socket, or released already
+        if cs.detached_at is None:
+            cs.detached_at = time.monotonic()
+        cs.space.set()
+        if cs.writer is not None:
+            cs.writer.cancel()
+        if core.buffered and core.state is not SessionState.CLOSED:
+            return  # _release_if_durable finishes it
+        self._release(cs)
+
+    def _release_if_durable(self, cs: ClientSession) -> None:
+        if cs.detached_at is not None and not cs.core.buffered:
+            self._release(cs)
+
+    def _release(self, cs: ClientSession) -> None:
         core = cs.core
         if self.sessions.get(core.id) is not cs:
             return
@@ -553,9 +618,6 @@ class Gateway:
         if link is not None:
             link.send(Kind.DETACH, core.id)
         core.close()
-        cs.space.set()
-        if cs.writer is not None:
-            cs.writer.cancel()
 
     # -- admin ------------------------------------------------------------
     def health(self) -> tuple[bool, str]:

@@ -1,5 +1,5 @@
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.config import NodeSettings
@@ -18,6 +18,7 @@ json_values = st.recursive(
 )
 
 
+@settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.binary(max_size=300))
 def test_any_bytes_parse_or_raise_a_documented_error(data):
     try:
@@ -26,6 +27,7 @@ def test_any_bytes_parse_or_raise_a_documented_error(data):
         assert exc.code in ERROR_CODES
 
 
+@settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.dictionaries(st.sampled_from(["set", "incr", "x"]), json_values, max_size=3))
 def test_any_update_is_applied_whole_or_refused_whole(args):
     player = PlayerState("p")

@@ -1,7 +1,7 @@
 import contextlib
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.wire import HEADER, FrameDecoder, FrameError, Kind, encode
@@ -30,6 +30,7 @@ def test_unknown_kind_rejected():
         FrameDecoder().feed(bad)
 
 
+@settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.binary(max_size=200))
 def test_garbage_raises_only_frame_error(data):
     with contextlib.suppress(FrameError):
