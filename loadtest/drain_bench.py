@@ -51,7 +51,7 @@ import orjson
 
 from gateway.client import HelloFailed, RingsideClient
 from loadtest.checker import PlayerLoad
-from loadtest.failover_bench import Scratch, TimedLoad, fmt, say
+from loadtest.failover_bench import Scratch, TimedLoad, close_run, fmt, say
 from server.cluster import pid_alive
 from server.ring import HashRing
 
@@ -404,13 +404,7 @@ async def drain_run(index: int, args: argparse.Namespace) -> dict[str, Any]:
         record["error"] = f"{type(exc).__name__}: {exc}"
         scratch.keep = True
     finally:
-        if load is not None:
-            await load.stop_bounded()
-        bad = record.get("error") or any(
-            record.get(k) for k in ("lost", "doubled", "disconnected", "errors", "connection_errors")
-        )
-        scratch.keep = scratch.keep or bool(bad) or args.keep
-        await asyncio.to_thread(scratch.close)
+        await close_run(record, scratch, load, keep=args.keep)
     return record
 
 

@@ -384,14 +384,19 @@ async def failover_run(kind: str, index: int, args: argparse.Namespace) -> dict[
         record["error"] = f"{type(exc).__name__}: {exc}"
         scratch.keep = True
     finally:
-        if load is not None:
-            await load.stop_bounded()
-        bad = record.get("error") or any(
-            record.get(k) for k in ("lost", "doubled", "disconnected", "errors", "connection_errors")
-        )
-        scratch.keep = scratch.keep or bool(bad) or args.keep
-        await asyncio.to_thread(scratch.close)
+        await close_run(record, scratch, load, keep=args.keep)
     return record
+
+
+async def close_run(record: dict[str, Any], scratch: Scratch, load: TimedLoad | None, *, keep: bool) -> None:
+    """End a run: stop any load still going, keep the scratch dir when something went wrong."""
+    if load is not None:
+        await load.stop_bounded()
+    bad = record.get("error") or any(
+        record.get(k) for k in ("lost", "doubled", "disconnected", "errors", "connection_errors")
+    )
+    scratch.keep = scratch.keep or bool(bad) or keep
+    await asyncio.to_thread(scratch.close)
 
 
 # -- scenario 3 -------------------------------------------------------------------------------

@@ -48,6 +48,11 @@ class Event:
         return {"game": game, "seq": self.seq, "from": self.sender, "action": self.action}
 
 
+# Fields stored as they are (log and applied need a conversion), and those a client sees.
+_STORED = ("exists", "mode", "max_players", "players", "status", "seq", "scores", "ends_at", "empty_since")
+_VIEWED = ("mode", "max_players", "players", "status", "seq", "scores", "ends_at")
+
+
 class GameState:
     __slots__ = (
         "id",
@@ -80,51 +85,24 @@ class GameState:
 
     # -- persistence ------------------------------------------------------
     def to_blob(self) -> bytes:
-        return orjson.dumps(
-            {
-                "exists": self.exists,
-                "mode": self.mode,
-                "max_players": self.max_players,
-                "players": self.players,
-                "status": self.status,
-                "seq": self.seq,
-                "scores": self.scores,
-                "log": [[e.seq, e.sender, e.action] for e in self.log],
-                "applied": self.applied,
-                "ends_at": self.ends_at,
-                "empty_since": self.empty_since,
-            }
-        )
+        data: dict[str, Any] = {name: getattr(self, name) for name in _STORED}
+        data["log"] = [[e.seq, e.sender, e.action] for e in self.log]
+        data["applied"] = self.applied
+        return orjson.dumps(data)
 
     @classmethod
     def from_blob(cls, blob: bytes | None, game_id: str, log_size: int) -> GameState:
         state = cls(game_id, log_size)
         if blob:
-            d = orjson.loads(blob)
-            state.exists = d["exists"]
-            state.mode = d["mode"]
-            state.max_players = d["max_players"]
-            state.players = d["players"]
-            state.status = d["status"]
-            state.seq = d["seq"]
-            state.scores = d["scores"]
-            state.log.extend(Event(s, p, a) for s, p, a in d["log"])
-            state.applied = {k: (v[0], v[1]) for k, v in d["applied"].items()}
-            state.ends_at = d["ends_at"]
-            state.empty_since = d["empty_since"]
+            data = orjson.loads(blob)
+            for name in _STORED:
+                setattr(state, name, data[name])
+            state.log.extend(Event(s, p, a) for s, p, a in data["log"])
+            state.applied = {k: (v[0], v[1]) for k, v in data["applied"].items()}
         return state
 
     def view(self) -> dict[str, Any]:
-        return {
-            "game": self.id,
-            "mode": self.mode,
-            "max_players": self.max_players,
-            "players": self.players,
-            "status": self.status,
-            "seq": self.seq,
-            "scores": self.scores,
-            "ends_at": self.ends_at,
-        }
+        return {"game": self.id, **{name: getattr(self, name) for name in _VIEWED}}
 
     # -- operations -------------------------------------------------------
     def handle(

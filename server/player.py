@@ -46,19 +46,19 @@ class PlayerState:
         self.games: dict[str, int] = {}  # game id -> seq of the last event pushed to the player
 
     # -- persistence ------------------------------------------------------
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "xp": self.xp,
+            "level": self.level,
+            "position": self.position,
+            "inventory": self.inventory,
+            "stats": self.stats,
+            "applied_seq": self.applied_seq,
+        }
+
     def to_blob(self) -> bytes:
-        return orjson.dumps(
-            {
-                "name": self.name,
-                "xp": self.xp,
-                "level": self.level,
-                "position": self.position,
-                "inventory": self.inventory,
-                "stats": self.stats,
-                "applied_seq": self.applied_seq,
-                "games": self.games,
-            }
-        )
+        return orjson.dumps({**self._fields(), "games": self.games})
 
     @classmethod
     def from_blob(cls, blob: bytes | None, default_name: str) -> PlayerState:
@@ -76,16 +76,8 @@ class PlayerState:
         return state
 
     def view(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "xp": self.xp,
-            "level": self.level,
-            "position": self.position,
-            "inventory": self.inventory,
-            "stats": self.stats,
-            "applied_seq": self.applied_seq,
-            "games": sorted(self.games),
-        }
+        """What a client sees: the games as a list of ids."""
+        return {**self._fields(), "games": sorted(self.games)}
 
     # -- operations -------------------------------------------------------
     def handle(self, op: str, args: dict[str, Any], limits: NodeSettings, *, seq: int) -> tuple[Any, bool]:
