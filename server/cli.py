@@ -29,7 +29,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     from server.node import Node
 
     config = load_config(args.config)
-    setup_logging(args.name)
+    setup_logging(args.name, config.log_level)
     _run_async(Node(config, args.name).run())
     return 0
 
@@ -39,7 +39,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from server.logs import setup_logging
 
     config = load_config(args.config)
-    setup_logging("gateway")
+    setup_logging("gateway", config.log_level)
     _run_async(Gateway(config).run())
     return 0
 

@@ -120,6 +120,7 @@ class ClusterConfig:
     # Comma-separated base64 AES keys (16/24/32 bytes): gossip is sealed with AES-GCM, the
     # first key seals, all open (see `ringside keys`). Empty: HMAC-only (development).
     gossip_keys: str = ""
+    log_level: str = "info"  # debug, info, warning, error; LOG_LEVEL overrides
     run_dir: str = ".run"
     redis: RedisSettings = field(default_factory=RedisSettings)
     node: NodeSettings = field(default_factory=NodeSettings)
@@ -232,10 +233,14 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     secret = env.get("RINGSIDE_SECRET") or cluster.get("secret", DEV_SECRET)
     admin_token = env.get("RINGSIDE_ADMIN_TOKEN") or cluster.get("admin_token", DEV_ADMIN_TOKEN)
     gossip_keys = env.get("RINGSIDE_GOSSIP_KEYS") or cluster.get("gossip_keys", "")
+    log_level = env.get("LOG_LEVEL") or cluster.get("log_level", "info")
+    if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"log_level {log_level!r}: use debug, info, warning or error")
     config = ClusterConfig(
         secret=secret,
         admin_token=admin_token,
         gossip_keys=gossip_keys,
+        log_level=log_level,
         run_dir=env.get("RINGSIDE_RUN_DIR") or cluster.get("run_dir", ".run"),
         redis=redis,
         node=_section(NodeSettings, data.get("node", {}), env, "NODE"),

@@ -42,7 +42,7 @@ class TextFormatter(logging.Formatter):
         return text + ("" if not extra else " " + " ".join(f"{k}={v}" for k, v in extra.items()))
 
 
-def setup_logging(process_name: str) -> None:
+def setup_logging(process_name: str, level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if os.environ.get("LOG_FORMAT", "json") == "text":
         handler.setFormatter(TextFormatter(process_name))
@@ -50,5 +50,5 @@ def setup_logging(process_name: str) -> None:
         handler.setFormatter(JsonFormatter(process_name))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(os.environ.get("LOG_LEVEL", "INFO").upper())
+    root.setLevel(level.upper())
     logging.getLogger("websockets").setLevel(logging.WARNING)
