@@ -62,7 +62,7 @@ class Store:
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
         )
-        self._redis = aioredis.Redis(connection_pool=pool, retry_on_timeout=False)
+        self._redis = aioredis.Redis(connection_pool=pool)
         self._cas_sha: str | None = None
 
     async def close(self) -> None:
