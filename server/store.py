@@ -6,6 +6,7 @@ Keys carry a hash tag so a Redis Cluster keeps an actor's keys on one shard:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ end
 return written
 """
 CAS_CHUNK = 128  # actors per script call; bounds how long one call holds Redis
+ACTIVATION_CHUNK = 512  # activations per pipeline
 
 
 class StoreUnavailable(Exception):
@@ -64,6 +66,8 @@ class Store:
         )
         self._redis = aioredis.Redis(connection_pool=pool)
         self._cas_sha: str | None = None
+        self._activations: list[tuple[str, asyncio.Future[tuple[int, bytes | None]]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
         await self._redis.aclose(close_connection_pool=True)
@@ -75,15 +79,44 @@ class Store:
             return False
 
     async def activate(self, actor: str) -> tuple[int, bytes | None]:
-        """Take a new fencing epoch and load the state, in one round trip."""
+        """Take a new fencing epoch and load the state. Activations asked for in the same
+        loop iteration (a burst of sessions moving after a ring change) share one pipeline."""
+        future: asyncio.Future[tuple[int, bytes | None]] = asyncio.get_running_loop().create_future()
+        self._activations.append((actor, future))
+        if len(self._activations) == 1:
+            asyncio.get_running_loop().call_soon(self._send_activations)
+        return await future
+
+    def _send_activations(self) -> None:
+        pending, self._activations = self._activations, []
+        loop = asyncio.get_running_loop()
+        for start in range(0, len(pending), ACTIVATION_CHUNK):
+            task = loop.create_task(self._run_activations(pending[start : start + ACTIVATION_CHUNK]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run_activations(
+        self, batch: list[tuple[str, asyncio.Future[tuple[int, bytes | None]]]]
+    ) -> None:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.incr(epoch_key(actor))
-                pipe.get(state_key(actor))
-                epoch, blob = await pipe.execute()
+                for actor, _ in batch:
+                    pipe.incr(epoch_key(actor))
+                    pipe.get(state_key(actor))
+                results = await pipe.execute()
         except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
-        return int(epoch), blob
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(StoreUnavailable(str(exc)))
+            return
+        except BaseException as exc:  # cancelled at shutdown: do not leave callers hanging
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(StoreUnavailable(f"activation aborted: {exc!r}"))
+            raise
+        for i, (_, future) in enumerate(batch):
+            if not future.done():  # the caller may have timed out
+                future.set_result((int(results[2 * i]), results[2 * i + 1]))
 
     async def is_revoked(self, token_id: str) -> bool:
         try:
