@@ -198,6 +198,7 @@ class Gateway:
         self.config = config
         self.settings = config.gateway
         self.store = Store(config.redis.effective_url, max_connections=8)
+        self._link_keyring = config.link_keyring
         self.membership = Membership(
             config,
             name="gateway",
@@ -273,6 +274,7 @@ class Gateway:
                         write_buffer=self.config.node.link_write_buffer_bytes,
                         auth_key=self.config.link_key,
                         accepting=False,
+                        keyring=self._link_keyring,
                         name=name,
                     ),
                     *address,

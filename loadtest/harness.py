@@ -44,10 +44,14 @@ def write_config(directory: Path, *, nodes: int = 3, standby: int = 0, extra: st
             extra_sections.setdefault(section, [])
         elif line and section:
             extra_sections[section].append(line)
-    if "[gateway]" in extra_sections:
-        overrides = extra_sections.pop("[gateway]")
-        keys = {line.split("=")[0].strip() for line in overrides}
-        lines = [line for line in lines if line.split("=")[0].strip() not in keys] + overrides
+    for section in ("[cluster]", "[gateway]"):  # sections the base config has: merge
+        if section in extra_sections:
+            overrides = extra_sections.pop(section)
+            keys = {line.split("=")[0].strip() for line in overrides}
+            at = lines.index(section) + 1
+            end = next((i for i in range(at, len(lines)) if lines[i].startswith("[")), len(lines))
+            kept = [line for line in lines[at:end] if line.split("=")[0].strip() not in keys]
+            lines = lines[:at] + overrides + kept + lines[end:]
     for header, body in extra_sections.items():
         lines += [header, *body]
     for i in range(nodes + standby):

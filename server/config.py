@@ -150,6 +150,12 @@ class ClusterConfig:
     def link_key(self) -> bytes:
         return hashlib.sha256(b"ringside-link\0" + self.secret_bytes).digest()
 
+    @property
+    def link_keyring(self) -> Keyring | None:
+        """Node links are sealed with the gossip keyring when one is configured."""
+        key = self.gossip_key
+        return key if isinstance(key, Keyring) else None
+
     def gossip_seeds(self) -> list[tuple[str, int]]:
         seeds = [(n.host, n.gossip_port) for n in self.nodes]
         return seeds + [(self.gateway.host, self.gateway.gossip_port)]

@@ -8,6 +8,10 @@ Links are authenticated: the accepting side sends a random challenge, the dialer
 answers with an HMAC of it under the cluster's link key, and until that proof
 arrives the acceptor acts on nothing (a wrong proof or any other frame closes the
 link). The dialer holds its outgoing frames (bounded) until it has answered.
+
+With a keyring (the cluster's gossip keys), every frame after the handshake carries its
+payload sealed with AES-GCM, the header bound to it as associated data; a frame that does
+not open closes the link.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import os
 from collections.abc import Callable
 from typing import cast
 
-from server.wire import Frame, FrameDecoder, FrameError, Kind, encode
+from server.swim_codec import GossipDecodeError, Keyring
+from server.wire import HEADER, Frame, FrameDecoder, FrameError, Kind, encode
 
 log = logging.getLogger("ringside.link")
 
@@ -35,6 +40,7 @@ class Link(asyncio.Protocol):
         write_buffer: int,
         auth_key: bytes,
         accepting: bool,
+        keyring: Keyring | None = None,
         name: str = "",
     ) -> None:
         self._on_frames = on_frames
@@ -43,6 +49,7 @@ class Link(asyncio.Protocol):
         self._write_buffer = write_buffer
         self.name = name
         self._auth_key = auth_key
+        self._keyring = keyring
         self._accepting = accepting
         self._challenge = b""
         self.authenticated = False
@@ -79,8 +86,21 @@ class Link(asyncio.Protocol):
             return
         if not self.authenticated and frames:
             frames = self._authenticate(frames)
+        if frames and self._keyring is not None:
+            try:
+                frames = [self._open(f) for f in frames]
+            except GossipDecodeError:
+                log.warning("link frame failed to open; closing", extra={"peer": self.name})
+                self.abort()
+                return
         if frames:
             self._on_frames(self, frames)
+
+    def _open(self, frame: Frame) -> Frame:
+        assert self._keyring is not None
+        aad = HEADER.pack(0, frame.kind, frame.session, frame.seq, frame.aux)
+        payload = self._keyring.open(frame.payload, aad)
+        return Frame(frame.kind, frame.session, frame.seq, frame.aux, payload)
 
     def _proof(self, challenge: bytes) -> bytes:
         return hmac.new(self._auth_key, b"ringside-link\0" + challenge, hashlib.sha256).digest()
@@ -112,6 +132,8 @@ class Link(asyncio.Protocol):
     def send(self, kind: Kind, session: int, seq: int = 0, aux: int = 0, payload: bytes = b"") -> bool:
         if self.transport is None or self.transport.is_closing():
             return False
+        if self._keyring is not None:
+            payload = self._keyring.seal(payload, HEADER.pack(0, kind, session, seq, aux))
         data = encode(kind, session, seq, aux, payload)
         self.bytes_out += len(data)
         if not self.authenticated:

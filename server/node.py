@@ -186,6 +186,7 @@ class Node:
         self.peers = Peers(
             address_of=self.membership.link_address,
             auth_key=config.link_key,
+            keyring=config.link_keyring,
             max_frame=settings.max_link_frame_bytes,
             write_buffer=settings.link_write_buffer_bytes,
         )
@@ -199,6 +200,7 @@ class Node:
             persister=self.persister,
             push=self._push,
         )
+        self._link_keyring = config.link_keyring
         self.started_at = time.time()
         self.self_faulty_drops = 0
         self.draining_since: float | None = None
@@ -217,6 +219,7 @@ class Node:
             write_buffer=self.config.node.link_write_buffer_bytes,
             auth_key=self.config.link_key,
             accepting=True,
+            keyring=self._link_keyring,
         )
         self.links.add(link)
         return link

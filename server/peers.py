@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from server.link import Link
+from server.swim_codec import Keyring
 from server.wire import Frame, Kind
 
 log = logging.getLogger("ringside.peers")
@@ -33,12 +34,14 @@ class Peers:
         address_of: Callable[[str], tuple[str, int] | None],
         auth_key: bytes,
         max_frame: int,
+        keyring: Keyring | None = None,
         write_buffer: int,
         connect_timeout: float = 1.0,
         max_calls: int = 10_000,
     ) -> None:
         self._address_of = address_of
         self._auth_key = auth_key
+        self._keyring = keyring
         self._max_frame = max_frame
         self._write_buffer = write_buffer
         self._connect_timeout = connect_timeout
@@ -84,6 +87,7 @@ class Peers:
                     write_buffer=self._write_buffer,
                     auth_key=self._auth_key,
                     accepting=False,
+                    keyring=self._keyring,
                     name=node,
                 ),
                 *address,

@@ -182,17 +182,18 @@ class Keyring:
             raise ValueError("gossip keys are 16, 24 or 32 bytes, at least one")
         self._ciphers = [AESGCM(k) for k in keys]
 
-    def seal(self, payload: bytes) -> bytes:
+    def seal(self, payload: bytes, aad: bytes = b"") -> bytes:
+        """`aad`: bytes sent in the clear that the tag must also cover (a frame header)."""
         nonce = os.urandom(12)
-        return bytes([SEALED]) + nonce + self._ciphers[0].encrypt(nonce, payload, bytes([SEALED]))
+        return bytes([SEALED]) + nonce + self._ciphers[0].encrypt(nonce, payload, bytes([SEALED]) + aad)
 
-    def open(self, data: bytes) -> bytes:
+    def open(self, data: bytes, aad: bytes = b"") -> bytes:
         if len(data) < 1 + 12 + 16 or data[0] != SEALED:
             raise GossipDecodeError("not a sealed packet")
         nonce, sealed = data[1:13], data[13:]
         for cipher in self._ciphers:
             try:
-                return cipher.decrypt(nonce, sealed, bytes([SEALED]))
+                return cipher.decrypt(nonce, sealed, bytes([SEALED]) + aad)
             except InvalidTag:
                 continue
         raise GossipDecodeError("no key opens this packet")

@@ -4,6 +4,7 @@ across the loss of the game's node; a client that stops reading is closed alone.
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 import socket
 import time
@@ -179,3 +180,23 @@ def test_a_client_that_stops_reading_is_closed_and_others_keep_going(cluster):
             await c.close()
 
     asyncio.run(main())
+
+
+def test_a_sealed_cluster_plays_across_nodes(make_cluster):
+    """With gossip keys configured, gossip and node links are sealed with AES-GCM; games
+    across nodes work the same."""
+    key = base64.b64encode(b"k" * 32).decode()
+    cluster = make_cluster(extra=f'[cluster]\ngossip_keys = "{key}"')
+    acked: dict[str, int] = {}
+
+    async def main():
+        clients, game = await start_game(cluster, PLAYERS[:4])
+        received = {c.player: [] for c in clients}
+        await play(clients, game, 10, acked)
+        await check_streams(clients, game, received)
+        assert (await clients[0].request("game.get", {"game": game}))["scores"] == acked
+        for c in clients:
+            await c.close()
+
+    asyncio.run(main())
+    assert cluster.gateway_status()["membership"]["gossip_dropped"] == 0
