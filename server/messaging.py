@@ -42,6 +42,7 @@ GAME_WRITES = frozenset({"game.create", "game.join", "game.leave", "game.action"
 GAME_READS = frozenset({"game.get", "game.events"})
 GAME_OPS = GAME_WRITES | GAME_READS
 RETRY_CODES = frozenset({"not_owner", "unavailable"})
+GAME_ARGS = {"game.action": {"game", "action"}, "game.events": {"game", "after"}}  # others: {"game"}
 
 
 class RemoteError(RingsideError):
@@ -376,11 +377,12 @@ class Messaging:
         given = args.get("game")
         if not isinstance(given, str) or not GAME_ID.match(given):
             raise BadRequest("game must be a game id string")
+        unknown = set(args) - GAME_ARGS.get(op, {"game"})
+        if unknown:
+            raise BadRequest(f"unknown fields {sorted(unknown)}")
         game_id = given
         key = f"game:{game_id}"
         if op == "game.join":
-            if set(args) - {"game"}:
-                raise BadRequest(f"unknown fields {sorted(set(args) - {'game'})}")
             self._check_room(player.games, game_id)
             result = await self.call(key, op, {}, sender=pid, sender_seq=seq)
             if game_id not in player.games:

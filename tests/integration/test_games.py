@@ -106,6 +106,16 @@ def test_eight_players_across_nodes_see_every_action_once_in_order(cluster):
             assert len(seqs) == final - seqs[0] + 1
         state = await clients[0].request("game.get", {"game": game})
         assert state["scores"] == acked
+        bad = [
+            ("game.action", {"game": game, "action": {"type": "x"}, "extra": 1}, "bad_request"),
+            ("game.join", {"game": "no such/id"}, "bad_request"),
+            ("game.join", {"game": "g0000000000000000"}, "not_found"),
+            ("game.create", {"max_players": 0}, "bad_request"),
+            ("game.events", {"game": game, "after": -1}, "bad_request"),
+        ]
+        for op, args, code in bad:
+            reply = await clients[1].call(op, args)
+            assert reply["error"]["code"] == code, (op, args, reply)
         for c in clients:
             assert c.closed_with is None
             await c.close()
