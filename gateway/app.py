@@ -658,6 +658,7 @@ class Gateway:
             websocket_path="/ws",
             extra_websocket_paths=(FEED_PATH,),
             pages=dashboard.page,
+            loopback_only=not self.settings.admin_from_anywhere,
         )
         allowed = [o.strip() for o in self.settings.allowed_origins.split(",") if o.strip()]
         origins: list[Origin | None] | None = [Origin(o) for o in allowed] or None

@@ -8,6 +8,7 @@ any WebSocket handshake happens.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from http import HTTPStatus
@@ -46,6 +47,14 @@ def json_response(conn: ServerConnection, status: int, data: Any) -> Response:
     return _respond(conn, status, orjson.dumps(data, option=orjson.OPT_INDENT_2), "application/json")
 
 
+def _is_loopback(conn: ServerConnection) -> bool:
+    peer = conn.remote_address[0] if conn.remote_address else ""
+    try:
+        return ipaddress.ip_address(peer).is_loopback
+    except ValueError:
+        return False
+
+
 def admin_routes(
     *,
     status: StatusFn,
@@ -56,6 +65,7 @@ def admin_routes(
     pages: PageFn | None = None,
     actions: Mapping[str, ActionFn] | None = None,
     admin_token: str = "",
+    loopback_only: bool = False,
 ) -> Callable[[ServerConnection, Request], Awaitable[Response | None]]:
     """A `process_request` hook: answers the admin paths, lets `websocket_path` through.
 
@@ -63,13 +73,18 @@ def admin_routes(
     `Authorization: Bearer <admin_token>`; every attempt is logged with its peer.
     `extra_websocket_paths` also go through to the WebSocket handler (which must tell
     them apart by `connection.request.path`); `pages(conn, request)` may answer any
-    other path (the gateway's dashboard) before the 404.
+    other path (the gateway's dashboard) before the 404. With `loopback_only`, every path
+    but `websocket_path` and `/healthz` answers 403 to peers outside 127.0.0.0/8 and ::1.
     """
     actions = actions or {}
 
     async def process_request(conn: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
-        if (websocket_path is not None and path == websocket_path) or path in extra_websocket_paths:
+        if websocket_path is not None and path == websocket_path:
+            return None
+        if loopback_only and path != "/healthz" and not _is_loopback(conn):
+            return json_response(conn, HTTPStatus.FORBIDDEN, {"error": "admin paths answer loopback only"})
+        if path in extra_websocket_paths:
             return None
         if path.startswith("/admin/"):
             name = path.removeprefix("/admin/")

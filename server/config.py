@@ -84,6 +84,9 @@ class GatewaySettings:
     rate_limit_per_s: float = 100.0  # client frames a second per session, sustained
     rate_limit_burst: float = 200.0  # frames a session may send at once; past the limit: close 4006
     allowed_origins: str = ""  # comma-separated Origin allow-list for browsers; empty: any
+    # The dashboard, /status, /metrics and /admin share the client port: by default they
+    # answer loopback peers only (put a proxy or Prometheus beside the gateway), /healthz anyone.
+    admin_from_anywhere: bool = False
     max_replay: int = 1024  # requests kept per session until the node reports them durable
     max_outbound: int = 256  # frames queued per client before it is closed as too slow
     move_timeout_s: float = 10.0  # how long a session's requests wait for its node to come back
