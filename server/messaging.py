@@ -107,6 +107,11 @@ class Messaging:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def settle(self, timeout: float) -> None:
+        """Wait (bounded) for the sends and calls under way to go out."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+
     def owner(self, key: str) -> str:
         ring = self._membership.ring
         return ring.owner(key) if ring.members else self.name

@@ -67,6 +67,11 @@ class WriteBehind:
         if urgent and not self._failures:
             self._urgent = True
 
+    def hurry(self) -> None:
+        """Flush what is dirty now rather than at the next period (unless backing off)."""
+        if self._dirty and not self._failures:
+            self._urgent = True
+
     def due(self, now: float) -> bool:
         return bool(self._dirty) and (self._urgent or now >= self._next_flush)
 
