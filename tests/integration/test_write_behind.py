@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import signal
 import subprocess
 
 from gateway.client import RingsideClient
@@ -184,11 +183,18 @@ def test_make_token_prints_one_token_per_player(cluster):
     assert [verify(cluster.config.secret_bytes, t, now=0).player for t in out] == ["a", "b", "c"]
 
 
-def test_sigkill_of_a_node_is_seen_by_status(cluster):
-    cluster.local.kill("n2")
+def test_make_kill_is_a_sigkill_seen_by_status(cluster):
+    log_size = (cluster.local.log_file("n2")).stat().st_size
+    subprocess.run(
+        [".venv/bin/ringside", "--config", str(cluster.config_path), "kill", "n2"],
+        check=True,
+        capture_output=True,
+    )
     rows = {r["name"]: r for r in cluster.local.status()}
     assert not rows["n2"]["running"] and rows["n1"]["healthy"]
-    assert signal.SIGKILL  # the drill used SIGKILL, not a graceful stop
+    # No graceful stop ran: a SIGTERM would have logged "node stopping".
+    tail = cluster.local.log_file("n2").read_bytes()[log_size:]
+    assert b"node stopping" not in tail
 
 
 def test_an_unauthenticated_link_cannot_attach_a_player(cluster):
