@@ -11,7 +11,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from gateway.client import RingsideClient
+from gateway.client import HelloFailed, RingsideClient
 from server.tokens import mint
 
 
@@ -176,8 +176,14 @@ def test_connections_per_address_are_capped(make_cluster):
             await RingsideClient.connect(cluster.url, cluster.token("a3"))
         assert "1013" in str(refused.value)
         await clients[0].close()
-        await asyncio.sleep(0.2)
-        extra = await RingsideClient.connect(cluster.url, cluster.token("a3"))  # a slot freed
+        extra = None  # a slot frees once the gateway has seen the close
+        deadline = time.monotonic() + 5
+        while extra is None:
+            try:
+                extra = await RingsideClient.connect(cluster.url, cluster.token("a3"))
+            except (HelloFailed, ConnectionClosed, OSError):
+                assert time.monotonic() < deadline, "the freed slot was never reused"
+                await asyncio.sleep(0.05)
         for c in [*clients[1:], extra]:
             await c.close()
 

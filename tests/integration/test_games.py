@@ -131,7 +131,7 @@ def test_game_survives_the_loss_of_its_node(cluster):
         received = {c.player: [] for c in clients}
         victim = HashRing(cluster.config.node_names).owner(f"game:{game}")
         play_task = asyncio.create_task(play(clients, game, 60, acked, pause=0.01))
-        await asyncio.sleep(0.4)
+        await await_until(lambda: sum(acked.values()) >= 40, 15, "the game is under way")
         await asyncio.to_thread(cluster.local.kill, victim)
         await play_task
         survivors = [n for n in cluster.config.node_names if n != victim]

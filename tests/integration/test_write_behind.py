@@ -105,9 +105,15 @@ def test_redis_outage_loses_nothing_acknowledged(cluster):
                 acked[c.player] = acked.get(c.player, 0) + 1
 
         tasks = [asyncio.create_task(hammer(c)) for c in clients]
-        await asyncio.sleep(0.5)
+        await await_until(lambda: sum(acked.values()) > 200, 10, "serving before the outage")
         await asyncio.to_thread(cluster.local.stop, "redis")
         outage_start = sum(acked.values())
+
+        def any_degraded_now() -> bool:
+            return any(
+                http_json(cluster.local.admin_url(n) + "/healthz")[0] == 503
+                for n in cluster.config.node_names
+            )
 
         def any_degraded() -> bool:
             for n in cluster.config.node_names:
@@ -119,7 +125,7 @@ def test_redis_outage_loses_nothing_acknowledged(cluster):
         await await_until(lambda: sum(acked.values()) > outage_start + 200, 10, "serving during outage")
         await asyncio.to_thread(wait_until, any_degraded, 10, "a node reports degraded health")
         await asyncio.to_thread(cluster.local.start_redis)
-        await asyncio.sleep(0.5)
+        await asyncio.to_thread(wait_until, lambda: not any_degraded_now(), 15, "flushes resume")
         stop.set()
         await asyncio.gather(*tasks)
         for c in clients:
