@@ -69,6 +69,7 @@ class NodeSettings:
     # failure detection (ack_timeout + protocol_period + suspicion_min = 0.78 s by default).
     stall_drop_s: float = 0.7
     drain_timeout_s: float = 30.0  # past it, a draining node flushes what is left and exits
+    live_migration: bool = True  # drain sends actors' state to their new owners (else: via Redis)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ from server.peers import Peers
 from server.persister import Persister
 from server.player import PlayerState, Request, parse_request
 from server.ring import HashRing
-from server.runtime import Activation, ActorRuntime
+from server.runtime import Activation, ActorRuntime, ActorState
 from server.store import Store
 from server.wire import Frame, Kind
 from server.writebehind import WriteBehind
@@ -460,6 +460,18 @@ class Node:
         # 2. Leave the ring: peers (the gateway first of all) re-pin our sessions and
         #    route our actors' messages to their new owners; we forward what still comes.
         leaving = asyncio.get_running_loop().create_task(self.membership.leave(settings.leave_timeout_s))
+        # 3a. Live migration: send each actor's state to its new owner, those with sessions
+        #     first, so it is active there when its sessions arrive (Redis is the fallback).
+        migrating = None
+        others = [n for n in self.membership.live_nodes() if n != self.name]
+        if settings.live_migration and others:
+            actors = sorted(
+                (a for a in self.runtime.actors.values() if a.state is ActorState.ACTIVE),
+                key=lambda a: a.key not in self.sessions_by_actor,
+            )
+            migrating = asyncio.get_running_loop().create_task(
+                self.messaging.migrate(actors, HashRing(others))
+            )
         # 3. Hand off: the gateway re-pins our sessions; we write at once what they changed
         #    meanwhile. Then every actor is in Redis and its new owner loads it on first use;
         #    passivating them one by one here would only compete for the CPU with the moves.
@@ -473,6 +485,7 @@ class Node:
                 last_report = time.monotonic()
                 log.info("draining", extra={"actors": len(self.runtime), "sessions": len(self.sessions)})
             await asyncio.sleep(0.01)
+        migrated = await migrating if migrating is not None else 0
         flushed = await self.persister.flush_all(deadline=time.monotonic() + 5)
         await leaving
         handed = len(self.runtime)
@@ -488,6 +501,7 @@ class Node:
             extra={
                 "elapsed_s": round(time.monotonic() - started, 3),
                 "handed_off": handed,
+                "migrated": migrated,
                 "left_actors": unflushed,
                 "left_sessions": len(self.sessions),
                 "flushed": flushed,
