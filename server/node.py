@@ -460,18 +460,6 @@ class Node:
         # 2. Leave the ring: peers (the gateway first of all) re-pin our sessions and
         #    route our actors' messages to their new owners; we forward what still comes.
         leaving = asyncio.get_running_loop().create_task(self.membership.leave(settings.leave_timeout_s))
-        # 3a. Live migration: send each actor's state to its new owner, those with sessions
-        #     first, so it is active there when its sessions arrive (Redis is the fallback).
-        migrating = None
-        others = [n for n in self.membership.live_nodes() if n != self.name]
-        if settings.live_migration and others:
-            actors = sorted(
-                (a for a in self.runtime.actors.values() if a.state is ActorState.ACTIVE),
-                key=lambda a: a.key not in self.sessions_by_actor,
-            )
-            migrating = asyncio.get_running_loop().create_task(
-                self.messaging.migrate(actors, HashRing(others))
-            )
         # 3. Hand off: the gateway re-pins our sessions; we write at once what they changed
         #    meanwhile. Then every actor is in Redis and its new owner loads it on first use;
         #    passivating them one by one here would only compete for the CPU with the moves.
@@ -485,7 +473,14 @@ class Node:
                 last_report = time.monotonic()
                 log.info("draining", extra={"actors": len(self.runtime), "sessions": len(self.sessions)})
             await asyncio.sleep(0.01)
-        migrated = await migrating if migrating is not None else 0
+        # 4. Live migration of the actors no session took along: their state and epoch go to
+        #    their new owners, who keep them warm (adopted only if that epoch is still the
+        #    current one). Done after the moves so it does not compete with them for the CPU.
+        migrated = 0
+        others = [n for n in self.membership.live_nodes() if n != self.name]
+        if settings.live_migration and others:
+            idle = [a for a in self.runtime.actors.values() if a.state is ActorState.ACTIVE]
+            migrated = await self.messaging.migrate(idle, HashRing(others))
         flushed = await self.persister.flush_all(deadline=time.monotonic() + 5)
         await leaving
         handed = len(self.runtime)
