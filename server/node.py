@@ -205,6 +205,7 @@ class Node:
         self.self_faulty_drops = 0
         self.draining_since: float | None = None
         self.handoffs_total = 0
+        self.migrated_total = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.metrics = NodeMetrics(self)
         self.persister.on_flushed = self.metrics.flush_seconds.observe
@@ -418,7 +419,8 @@ class Node:
 
     async def _hand_off(self, moving: Callable[[str], bool], timeout: float = 5.0) -> int:
         """Write the actors that now belong elsewhere at once, so their new owners load
-        fresh state; then passivate those no session holds here any more."""
+        fresh state; send those no session holds here to their new owners (live migration,
+        fenced by epoch) and passivate them here."""
         keys = [key for key in self.runtime.actors if moving(key)]
         if not keys:
             return 0
@@ -429,6 +431,16 @@ class Node:
         deadline = time.monotonic() + timeout
         while any(self.wb.is_dirty(k) for k in keys) and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
+        ring = self.membership.ring
+        if self.config.node.live_migration and ring.members:
+            idle = [
+                act
+                for key in keys
+                if key not in self.sessions_by_actor
+                and (act := self.runtime.actors.get(key)) is not None
+                and act.state is ActorState.ACTIVE
+            ]
+            self.migrated_total += await self.messaging.migrate(idle, ring)
         handed = 0
         for i, key in enumerate(keys):
             if i % 256 == 255:
@@ -481,6 +493,7 @@ class Node:
         if settings.live_migration and others:
             idle = [a for a in self.runtime.actors.values() if a.state is ActorState.ACTIVE]
             migrated = await self.messaging.migrate(idle, HashRing(others))
+            self.migrated_total += migrated
         flushed = await self.persister.flush_all(deadline=time.monotonic() + 5)
         await leaving
         handed = len(self.runtime)
@@ -536,6 +549,8 @@ class Node:
                 None if self.draining_since is None else round(time.monotonic() - self.draining_since, 3)
             ),
             "handoffs": self.handoffs_total,
+            "migrated": self.migrated_total,
+            "adopted": self.runtime.adopted_total,
             "uptime_s": round(time.time() - self.started_at, 1),
             "actors": len(self.runtime),
             "sessions": len(self.sessions),
