@@ -67,11 +67,9 @@ ANCHORS = [
     ("Colyseus", "graceful shutdown can wait forever, or exit before saves finish"),
 ]
 LIVE_MIGRATION_NOTE = (
-    "live migration (node.live_migration, on by default) sends each actor's state and epoch to its "
-    "new owner, sessions' actors first; an owner takes it only if that epoch is still current, else "
-    "it loads from Redis. `--no-live-migration` measures the Redis-only hand-off on the same drain; "
-    "'migrated' counts the actors the new owners took (the rest were already activated from Redis "
-    "by their sessions' attach)"
+    "live migration is NOT implemented: the drain hands off through Redis (flush, leave the "
+    "ring, passivate; new owners load from Redis on next use), so there is no live-migration "
+    "vs Redis-fallback comparison; the flush figures below are the Redis-fallback reference"
 )
 
 
@@ -250,8 +248,6 @@ def parse_drain_log(path: Any) -> dict[str, Any]:
             out["node_elapsed_s"] = e.get("elapsed_s")
             out["left_actors"] = e.get("left_actors")
             out["left_sessions"] = e.get("left_sessions")
-            out["migrated"] = e.get("migrated")
-            out["handed_off_at_end"] = e.get("handed_off")
             out["final_flush_ok"] = e.get("flushed")
         elif e.get("level") in ("error", "critical") or "exc" in e:
             out.setdefault("log_errors", []).append(ev)
@@ -298,8 +294,7 @@ def ms(x: float | None) -> float | None:
 
 
 async def drain_run(index: int, args: argparse.Namespace) -> dict[str, Any]:
-    extra = "" if args.live_migration else "[node]\nlive_migration = false"
-    scratch = Scratch(f"drain{index}", extra=extra)
+    scratch = Scratch(f"drain{index}")
     victim = args.victim
     record: dict[str, Any] = {"run": index, "victim": victim, "loadavg_1m_at_start": os.getloadavg()[0]}
     load: DrainLoad | None = None
@@ -593,12 +588,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--concurrency", type=int, default=200, help="concurrent activation clients")
     ap.add_argument("--activate-timeout", type=float, default=300.0, help="bound on activation (s)")
     ap.add_argument("--keep", action="store_true", help="keep every scratch directory")
-    ap.add_argument(
-        "--no-live-migration",
-        dest="live_migration",
-        action="store_false",
-        help="hand off through Redis only (node.live_migration = false), for comparison",
-    )
     return ap.parse_args(argv)
 
 

@@ -156,9 +156,9 @@ class TimedLoad(IncrementLoad):
 class Scratch:
     """A scratch cluster in a temporary directory, plus the checks the benchmark needs."""
 
-    def __init__(self, label: str, extra: str = "") -> None:
+    def __init__(self, label: str) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix=f"ringside-bench-{label}-"))
-        self.config_path = write_config(self.dir, nodes=3, extra=extra)
+        self.config_path = write_config(self.dir, nodes=3)
         self.config: ClusterConfig = load_config(self.config_path, env={})
         self.local = LocalCluster(self.config, str(self.config_path), progress=lambda _msg: None)
         g = self.config.gateway

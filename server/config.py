@@ -69,10 +69,6 @@ class NodeSettings:
     # failure detection (ack_timeout + protocol_period + suspicion_min = 0.78 s by default).
     stall_drop_s: float = 0.7
     drain_timeout_s: float = 30.0  # past it, a draining node flushes what is left and exits
-    # Drain and scale-up send idle actors' state to their new owners (fenced by epoch) instead
-    # of letting them load from Redis. Off by default: on one machine it slowed the session
-    # moves (docs/performance.md, decision 11); worth it when Redis is far from the nodes.
-    live_migration: bool = False
 
 
 @dataclass(frozen=True, slots=True)

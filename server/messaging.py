@@ -31,7 +31,6 @@ from server.membership import Membership
 from server.peers import PeerLost, Peers
 from server.persister import Persister
 from server.player import Request
-from server.ring import HashRing
 from server.runtime import Activation, ActorRuntime
 from server.wire import Frame, Kind
 from server.writebehind import WriteBehind
@@ -184,11 +183,6 @@ class Messaging:
             if is_call:
                 link.send(Kind.ACTOR_REPLY, 0, frame.seq, 0, orjson.dumps(_err(BadRequest("bad message"))))
             return
-        if key == "node" and message.get("op") == "actors.adopt":
-            adopted = self._adopt(message["args"].get("actors", []))
-            if is_call:
-                link.send(Kind.ACTOR_REPLY, 0, frame.seq, 0, orjson.dumps(_ok({"adopted": adopted})))
-            return
         owner = self.owner(key)
         if owner != self.name:
             if message.get("hops", 0) >= self.settings.max_hops:
@@ -207,49 +201,6 @@ class Messaging:
             self._spawn(self._answer(link, frame.seq, message))
         else:
             self._deliver(message, None)
-
-    # -- live migration ---------------------------------------------------
-    def _adopt(self, actors: list[Any]) -> int:
-        adopted = 0
-        for entry in actors:
-            try:
-                key, blob, epoch, flushed_seq = entry
-            except (TypeError, ValueError):
-                continue
-            if (
-                isinstance(key, str)
-                and isinstance(blob, str)
-                and isinstance(epoch, int)
-                and isinstance(flushed_seq, int)
-            ):
-                adopted += self._runtime.adopt(key, blob.encode(), epoch, flushed_seq)
-        return adopted
-
-    async def migrate(self, actors: list[Activation], ring: HashRing, chunk: int = 256) -> int:
-        """Send `actors`' state to their owners in `ring` (a drain's live migration).
-        Returns how many the new owners took; the rest load from Redis on first use."""
-        by_owner: dict[str, list[list[Any]]] = {}
-        for act in actors:
-            entry = [act.key, act.data.to_blob().decode(), act.epoch, act.flushed_seq]
-            by_owner.setdefault(ring.owner(act.key), []).append(entry)
-
-        async def send_all(owner: str, entries: list[list[Any]]) -> int:
-            taken = 0
-            for start in range(0, len(entries), chunk):
-                message = {
-                    "to": "node",
-                    "op": "actors.adopt",
-                    "args": {"actors": entries[start : start + chunk]},
-                }
-                try:
-                    reply = await self._peers.call(owner, message, self.settings.call_timeout_s)
-                except (PeerLost, TimeoutError):
-                    return taken  # the rest go the Redis way
-                taken += int((reply.get("result") or {}).get("adopted", 0))
-            return taken
-
-        counts = await asyncio.gather(*(send_all(o, e) for o, e in by_owner.items() if o != self.name))
-        return sum(counts)
 
     async def _forward(self, link: Link, call_id: int, owner: str, message: dict[str, Any]) -> None:
         try:

@@ -30,7 +30,7 @@ from server.peers import Peers
 from server.persister import Persister
 from server.player import PlayerState, Request, parse_request
 from server.ring import HashRing
-from server.runtime import Activation, ActorRuntime, ActorState
+from server.runtime import Activation, ActorRuntime
 from server.store import Store
 from server.wire import Frame, Kind
 from server.writebehind import WriteBehind
@@ -205,7 +205,6 @@ class Node:
         self.self_faulty_drops = 0
         self.draining_since: float | None = None
         self.handoffs_total = 0
-        self.migrated_total = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.metrics = NodeMetrics(self)
         self.persister.on_flushed = self.metrics.flush_seconds.observe
@@ -419,8 +418,7 @@ class Node:
 
     async def _hand_off(self, moving: Callable[[str], bool], timeout: float = 5.0) -> int:
         """Write the actors that now belong elsewhere at once, so their new owners load
-        fresh state; send those no session holds here to their new owners (live migration,
-        fenced by epoch) and passivate them here."""
+        fresh state; then passivate those no session holds here any more."""
         keys = [key for key in self.runtime.actors if moving(key)]
         if not keys:
             return 0
@@ -431,16 +429,6 @@ class Node:
         deadline = time.monotonic() + timeout
         while any(self.wb.is_dirty(k) for k in keys) and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
-        ring = self.membership.ring
-        if self.config.node.live_migration and ring.members:
-            idle = [
-                act
-                for key in keys
-                if key not in self.sessions_by_actor
-                and (act := self.runtime.actors.get(key)) is not None
-                and act.state is ActorState.ACTIVE
-            ]
-            self.migrated_total += await self.messaging.migrate(idle, ring)
         handed = 0
         for i, key in enumerate(keys):
             if i % 256 == 255:
@@ -485,15 +473,6 @@ class Node:
                 last_report = time.monotonic()
                 log.info("draining", extra={"actors": len(self.runtime), "sessions": len(self.sessions)})
             await asyncio.sleep(0.01)
-        # 4. Live migration of the actors no session took along: their state and epoch go to
-        #    their new owners, who keep them warm (adopted only if that epoch is still the
-        #    current one). Done after the moves so it does not compete with them for the CPU.
-        migrated = 0
-        others = [n for n in self.membership.live_nodes() if n != self.name]
-        if settings.live_migration and others:
-            idle = [a for a in self.runtime.actors.values() if a.state is ActorState.ACTIVE]
-            migrated = await self.messaging.migrate(idle, HashRing(others))
-            self.migrated_total += migrated
         flushed = await self.persister.flush_all(deadline=time.monotonic() + 5)
         await leaving
         handed = len(self.runtime)
@@ -509,7 +488,6 @@ class Node:
             extra={
                 "elapsed_s": round(time.monotonic() - started, 3),
                 "handed_off": handed,
-                "migrated": migrated,
                 "left_actors": unflushed,
                 "left_sessions": len(self.sessions),
                 "flushed": flushed,
@@ -549,8 +527,6 @@ class Node:
                 None if self.draining_since is None else round(time.monotonic() - self.draining_since, 3)
             ),
             "handoffs": self.handoffs_total,
-            "migrated": self.migrated_total,
-            "adopted": self.runtime.adopted_total,
             "uptime_s": round(time.time() - self.started_at, 1),
             "actors": len(self.runtime),
             "sessions": len(self.sessions),

@@ -21,7 +21,7 @@ from server.config import NodeSettings
 from server.errors import Overloaded, RingsideError, Unavailable
 from server.player import PlayerState
 from server.store import Store, StoreUnavailable
-from server.writebehind import DirtySetFull, WriteBehind
+from server.writebehind import WriteBehind
 
 log = logging.getLogger("ringside.runtime")
 
@@ -124,7 +124,6 @@ class ActorRuntime:
         self.activations_total = 0
         self.passivations_total = 0
         self.stale_total = 0
-        self.adopted_total = 0
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -223,25 +222,12 @@ class ActorRuntime:
                 return
         raise Overloaded(f"{len(self.actors)} actors active and none can passivate yet")
 
-    def adopt(self, key: str, blob: bytes, epoch: int, flushed_seq: int) -> bool:
-        """Live migration: activate `key` here with the state its previous owner sent
-        (taken at `epoch`), under a new epoch. False if it is active here already."""
-        if key in self.actors or len(self.actors) >= self._settings.max_activations:
-            return False
-        act = Activation(key, self._clock())
-        self.actors[key] = act
-        self._spawn(self._activate(act, handed=(blob, epoch, flushed_seq)))
-        return True
-
-    async def _activate(self, act: Activation, handed: tuple[bytes, int, int] | None = None) -> None:
-        adopted = False
+    async def _activate(self, act: Activation) -> None:
         try:
-            epoch, blob, adopted = await asyncio.wait_for(
-                self._store.activate(act.key, handed_at=handed[1] if handed else None),
-                self._settings.activation_timeout_s,
+            epoch, blob = await asyncio.wait_for(
+                self._store.activate(act.key), self._settings.activation_timeout_s
             )
-            # The sent state only if the sender was the current owner; else what Redis has.
-            data = self._load(act.key, handed[0] if handed and adopted else blob)
+            data = self._load(act.key, blob)
         except (StoreUnavailable, TimeoutError) as exc:
             log.warning("activation failed", extra={"actor": act.key, "error": str(exc)})
             self._fail_activation(act, Unavailable("the state store is unreachable; try again"))
@@ -255,16 +241,6 @@ class ActorRuntime:
         act.epoch = epoch
         act.data = data
         act.flushed_seq = getattr(data, "applied_seq", 0)
-        if handed is not None and adopted:
-            # What the old owner had not written yet is in this state: write it under our
-            # epoch, and until then report only what the old owner had made durable.
-            act.flushed_seq = handed[2]
-            try:
-                self._wb.mark_dirty(act.key)
-            except DirtySetFull:
-                self._fail_activation(act, Unavailable("write buffer full"))
-                return
-            self.adopted_total += 1
         act.transition(ActorState.ACTIVE)
         self.activations_total += 1
         self.actors.move_to_end(act.key)

@@ -30,22 +30,8 @@ for i = 1, #KEYS, 2 do
 end
 return written
 """
-# Live migration: take the next epoch; the sent state is the newest only if the sender's
-# epoch (ARGV[1]) was still the current one. Otherwise return the stored state too.
-ADOPT_SCRIPT = """
-local current = redis.call('GET', KEYS[1])
-local epoch = redis.call('INCR', KEYS[1])
-if current == ARGV[1] then
-  return {epoch, 1}
-end
-return {epoch, 0, redis.call('GET', KEYS[2])}
-"""
 CAS_CHUNK = 128  # actors per script call; bounds how long one call holds Redis
 ACTIVATION_CHUNK = 512  # activations per pipeline
-
-
-# actor, the epoch it was handed at (live migration) or None, the result
-_Activation = tuple[str, int | None, "asyncio.Future[tuple[int, bytes | None, bool]]"]
 
 
 class StoreUnavailable(Exception):
@@ -80,8 +66,7 @@ class Store:
         )
         self._redis = aioredis.Redis(connection_pool=pool)
         self._cas_sha: str | None = None
-        self._activations: list[_Activation] = []
-        self._adopt_sha: str | None = None
+        self._activations: list[tuple[str, asyncio.Future[tuple[int, bytes | None]]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
@@ -93,15 +78,11 @@ class Store:
         except (RedisError, OSError):
             return False
 
-    async def activate(self, actor: str, *, handed_at: int | None = None) -> tuple[int, bytes | None, bool]:
-        """Take a new fencing epoch and load the state: returns (epoch, blob, adopted).
-
-        With `handed_at` (live migration: the previous owner sent its state along with its
-        epoch), the state is not loaded when that epoch was still the current one: the sent
-        state is then the newest there is (`adopted` true). Otherwise it is loaded as usual.
-        Activations asked for in one loop iteration share one pipeline."""
-        future: asyncio.Future[tuple[int, bytes | None, bool]] = asyncio.get_running_loop().create_future()
-        self._activations.append((actor, handed_at, future))
+    async def activate(self, actor: str) -> tuple[int, bytes | None]:
+        """Take a new fencing epoch and load the state. Activations asked for in the same
+        loop iteration (a burst of sessions moving after a ring change) share one pipeline."""
+        future: asyncio.Future[tuple[int, bytes | None]] = asyncio.get_running_loop().create_future()
+        self._activations.append((actor, future))
         if len(self._activations) == 1:
             asyncio.get_running_loop().call_soon(self._send_activations)
         return await future
@@ -114,39 +95,28 @@ class Store:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run_activations(self, batch: list[_Activation]) -> None:
+    async def _run_activations(
+        self, batch: list[tuple[str, asyncio.Future[tuple[int, bytes | None]]]]
+    ) -> None:
         try:
-            if any(handed_at is not None for _, handed_at, _ in batch) and self._adopt_sha is None:
-                self._adopt_sha = await self._redis.script_load(ADOPT_SCRIPT)
             async with self._redis.pipeline(transaction=False) as pipe:
-                for actor, handed_at, _ in batch:
-                    if handed_at is None:
-                        pipe.incr(epoch_key(actor))
-                        pipe.get(state_key(actor))
-                    else:
-                        assert self._adopt_sha is not None
-                        pipe.evalsha(self._adopt_sha, 2, epoch_key(actor), state_key(actor), handed_at)
-                results = iter(await pipe.execute())
+                for actor, _ in batch:
+                    pipe.incr(epoch_key(actor))
+                    pipe.get(state_key(actor))
+                results = await pipe.execute()
         except (RedisError, OSError) as exc:
-            if isinstance(exc, NoScriptError):
-                self._adopt_sha = None  # Redis restarted: load the script again next time
-            for _, _, future in batch:
+            for _, future in batch:
                 if not future.done():
                     future.set_exception(StoreUnavailable(str(exc)))
             return
         except BaseException as exc:  # cancelled at shutdown: do not leave callers hanging
-            for _, _, future in batch:
+            for _, future in batch:
                 if not future.done():
                     future.set_exception(StoreUnavailable(f"activation aborted: {exc!r}"))
             raise
-        for _, handed_at, future in batch:
-            if handed_at is None:
-                value: tuple[int, bytes | None, bool] = (int(next(results)), next(results), False)
-            else:
-                reply = next(results)  # [epoch, 1] adopted, or [epoch, 0, blob or nil]
-                value = (int(reply[0]), reply[2] if len(reply) > 2 else None, reply[1] == 1)
+        for i, (_, future) in enumerate(batch):
             if not future.done():  # the caller may have timed out
-                future.set_result(value)
+                future.set_result((int(results[2 * i]), results[2 * i + 1]))
 
     async def is_revoked(self, token_id: str) -> bool:
         try:
