@@ -40,6 +40,7 @@ from server.wire import Frame, Kind
 log = logging.getLogger("ringside.gateway")
 
 FILL_RETRY_S = 0.25  # ask again if a gap persists this long
+MAX_FILL_RETRIES = 40  # about 10 s of asking; then the client's game.events call is the way
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -69,6 +70,7 @@ class ClientSession:
         "probe_at",
         "busy",
         "detached_at",
+        "fill_retries",
     )
 
     def __init__(
@@ -93,6 +95,7 @@ class ClientSession:
         self.detached_at: float | None = None
         self.fills: dict[int, int] = {}  # stream -> seq a fill was asked from
         self.fill_sent_at = 0.0
+        self.fill_retries = 0
         # One request in flight per session is timed (client-to-reply at the gateway):
         # a compare per reply instead of a timestamp per request.
         self.probe_seq = 0
@@ -422,6 +425,30 @@ class Gateway:
                     self._give_up(cs, "they were not reported durable in time")
                 elif cs.core.state is SessionState.MOVING:
                     self._reattach(cs)
+                elif cs.fills and now - cs.fill_sent_at > FILL_RETRY_S:
+                    self._retry_fills(cs)
+
+    def _retry_fills(self, cs: ClientSession) -> None:
+        """A gap the owner did not fill (the FILL or its answer was lost in a move): ask
+        again. Streams that moved past the seq a fill was asked from are done."""
+        core = cs.core
+        for stream, asked_from in list(cs.fills.items()):
+            if core.last_pushed(stream) > asked_from:
+                del cs.fills[stream]
+        if not cs.fills:
+            cs.fill_retries = 0
+            return
+        cs.fill_retries += 1
+        if cs.fill_retries > MAX_FILL_RETRIES:
+            log.warning("gap not filled; giving up", extra={"session": f"{core.id:x}"})
+            cs.fills.clear()
+            cs.fill_retries = 0
+            return
+        link = self.links.get(core.node)
+        if core.state is SessionState.PINNED and link is not None:
+            for stream in list(cs.fills):
+                cs.fills[stream] = -1  # so _request_fill does not skip it as under way
+                self._request_fill(cs, link, stream)
 
     def _give_up(self, cs: ClientSession, why: str) -> None:
         log.error(
