@@ -57,7 +57,6 @@ class Link(asyncio.Protocol):
         self._out: list[bytes] = []  # frames to write at the end of this loop iteration
         self._held_bytes = 0
         self.transport: asyncio.Transport | None = None
-        self.connected = asyncio.get_running_loop().create_future()
         self.closed = asyncio.get_running_loop().create_future()
         self.bytes_in = 0
         self.bytes_out = 0
@@ -73,8 +72,6 @@ class Link(asyncio.Protocol):
         if self._accepting:
             self._challenge = os.urandom(16)
             self.transport.write(encode(Kind.LINK_CHALLENGE, 0, payload=self._challenge))
-        if not self.connected.done():
-            self.connected.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -91,6 +88,7 @@ class Link(asyncio.Protocol):
                 frames = [self._open(f) for f in frames]
             except GossipDecodeError:
                 log.warning("link frame failed to open; closing", extra={"peer": self.name})
+                self.auth_failures += 1
                 self.abort()
                 return
         if frames:

@@ -8,6 +8,7 @@ flush every dirty actor, then close Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import signal
@@ -21,7 +22,7 @@ from websockets.asyncio.server import serve
 
 from server.admin import admin_routes
 from server.config import ClusterConfig
-from server.errors import RingsideError, Unavailable, error_reply, ok_reply
+from server.errors import Overloaded, RingsideError, Unavailable, error_reply, ok_reply
 from server.game import GameState
 from server.link import Link
 from server.membership import Membership
@@ -205,6 +206,7 @@ class Node:
         self.self_faulty_drops = 0
         self.draining_since: float | None = None
         self.handoffs_total = 0
+        self.link_auth_failures = 0  # links cut for a wrong proof or a frame that did not open
         self._tasks: set[asyncio.Task[None]] = set()
         self.metrics = NodeMetrics(self)
         self.persister.on_flushed = self.metrics.flush_seconds.observe
@@ -226,6 +228,7 @@ class Node:
 
     def _on_link_lost(self, link: Link) -> None:
         self.links.discard(link)
+        self.link_auth_failures += link.auth_failures
         for session in [s for s in self.sessions.values() if s.link is link]:
             self._detach(session.id)
 
@@ -282,7 +285,8 @@ class Node:
         session = self.sessions.get(frame.session)
         if session is not None:
             fill = self.messaging.fill_work(stream=frame.aux, after=frame.seq)
-            self.runtime.deliver(session.actor, fill, lambda error: None)
+            with contextlib.suppress(Overloaded):  # the gateway asks again while the gap persists
+                self.runtime.deliver(session.actor, fill, lambda error: None)
 
     def _detach(self, session_id: int) -> None:
         session = self.sessions.pop(session_id, None)
@@ -527,6 +531,7 @@ class Node:
                 None if self.draining_since is None else round(time.monotonic() - self.draining_since, 3)
             ),
             "handoffs": self.handoffs_total,
+            "link_auth_failures": self.link_auth_failures,
             "uptime_s": round(time.time() - self.started_at, 1),
             "actors": len(self.runtime),
             "sessions": len(self.sessions),

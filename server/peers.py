@@ -147,7 +147,3 @@ class Peers:
     def close(self) -> None:
         for link in list(self._links.values()):
             link.close()
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._calls)

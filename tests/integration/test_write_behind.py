@@ -222,7 +222,9 @@ def test_an_unauthenticated_link_cannot_attach_a_player(cluster):
         writer.close()
 
     asyncio.run(main())
-    assert cluster.node_status("n1")["actors"] == 0
+    status = cluster.node_status("n1")
+    assert status["actors"] == 0
+    assert status["link_auth_failures"] == 1  # counted, as well as refused
 
 
 def test_acknowledged_updates_survive_a_fence_after_the_client_left(make_cluster):
