@@ -317,8 +317,9 @@ class Gateway:
             if core.node == name and core.state in (SessionState.PINNED, SessionState.ATTACHING):
                 core.moving(now)
 
-    def _reattach(self, cs: ClientSession) -> None:
-        owner = self._owner(cs.core.player)
+    def _reattach(self, cs: ClientSession, node: str | None = None) -> None:
+        """Attach to `node` (a MOVED hint), else to the player's owner in our ring."""
+        owner = node or self._owner(cs.core.player)
         if owner is None:
             return  # no node in the ring: the move watchdog retries, then gives up
         link = self.links.get(owner)
@@ -364,6 +365,8 @@ class Gateway:
                 if core.state is SessionState.PINNED:
                     core.moving(time.monotonic())
                     self._reattach(cs)
+            elif kind is Kind.MOVED:
+                self._on_moved(cs, link, frame)
             elif kind is Kind.ERROR:
                 self._on_attach_error(cs, frame)
 
@@ -391,6 +394,16 @@ class Gateway:
             self.metrics.replayed.inc(len(replay))
         if not cs.attached.done():
             cs.attached.set_result(None)
+
+    def _on_moved(self, cs: ClientSession, link: Link, frame: Frame) -> None:
+        """The actor migrated (a drain, a scale-up): follow it before our ring says so."""
+        core = cs.core
+        if core.state not in (SessionState.PINNED, SessionState.ATTACHING):
+            return
+        link.send(Kind.DETACH, core.id)
+        core.moving(time.monotonic())
+        target = frame.payload.decode(errors="replace")
+        self._reattach(cs, target if target in self.links else None)
 
     def _on_attach_error(self, cs: ClientSession, frame: Frame) -> None:
         if not cs.attached.done():

@@ -69,6 +69,12 @@ class NodeSettings:
     # failure detection (ack_timeout + protocol_period + suspicion_min = 0.78 s by default).
     stall_drop_s: float = 0.7
     drain_timeout_s: float = 30.0  # past it, a draining node flushes what is left and exits
+    # Drain and scale-up hand actors over node to node (state and a fresh epoch travel
+    # together, decision 11); "redis": new owners load from Redis after a final flush.
+    handoff: str = "live"
+    migration_timeout_s: float = 3.0  # past it, actors still busy take the Redis way
+    migration_batch_bytes: int = 256 << 10  # state bytes per hand-over message (< max_link_frame)
+    migration_redirect_s: float = 30.0  # how long a node sends messages for moved actors on
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +251,11 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     log_level = env.get("LOG_LEVEL") or cluster.get("log_level", "info")
     if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log_level {log_level!r}: use debug, info, warning or error")
+    node = _section(NodeSettings, data.get("node", {}), env, "NODE")
+    if node.handoff not in ("live", "redis"):
+        raise ConfigError(f"[node] handoff {node.handoff!r}: use live or redis")
+    if node.migration_batch_bytes >= node.max_link_frame_bytes:
+        raise ConfigError("[node] migration_batch_bytes must be below max_link_frame_bytes")
     config = ClusterConfig(
         secret=secret,
         admin_token=admin_token,
@@ -252,7 +263,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         log_level=log_level,
         run_dir=env.get("RINGSIDE_RUN_DIR") or cluster.get("run_dir", ".run"),
         redis=redis,
-        node=_section(NodeSettings, data.get("node", {}), env, "NODE"),
+        node=node,
         gateway=_section(GatewaySettings, data.get("gateway", {}), env, "GATEWAY"),
         swim=_section(SwimConfig, data.get("swim", {}), env, "SWIM"),
         nodes=nodes,

@@ -6,6 +6,7 @@
     ├── UnknownOp (unknown_op)
     ├── NotFound (not_found)
     ├── Unavailable (unavailable)     Redis away and the dirty set full, or no owner
+    │   └── ActorMoved (unavailable)  the actor left this node while the message waited
     └── Overloaded (overloaded)       activation cap reached, mailbox full
 
 WebSocket close codes used by the gateway are listed in CloseCode; both are
@@ -47,6 +48,15 @@ class NotFound(RingsideError):
 
 class Unavailable(RingsideError):
     code = "unavailable"
+
+
+class ActorMoved(Unavailable):
+    """The actor was deactivated here (fenced off, or migrated to `node`) while a message
+    for it waited. Never shown to a client: its session re-attaches and replays instead."""
+
+    def __init__(self, node: str | None = None) -> None:
+        super().__init__(f"the actor moved to {node}; try again" if node else "the actor moved; try again")
+        self.node = node
 
 
 class Overloaded(RingsideError):

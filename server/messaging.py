@@ -24,10 +24,11 @@ import mmh3
 import orjson
 
 from server.config import NodeSettings
-from server.errors import BadRequest, Overloaded, RingsideError, Unavailable, UnknownOp
+from server.errors import ActorMoved, BadRequest, Overloaded, RingsideError, Unavailable, UnknownOp
 from server.game import Event, GameLimits, GameState, NotInGame
 from server.link import Link
 from server.membership import Membership
+from server.migration import ADOPT_OP, Migrator
 from server.peers import PeerLost, Peers
 from server.persister import Persister
 from server.player import Request
@@ -81,6 +82,7 @@ class Messaging:
         runtime: ActorRuntime,
         write_behind: WriteBehind,
         persister: Persister,
+        migrator: Migrator,
         push: Callable[[str, int, int, bytes], None],
     ) -> None:
         self.name = name
@@ -97,6 +99,7 @@ class Messaging:
         self._runtime = runtime
         self._wb = write_behind
         self._persister = persister
+        self._migrator = migrator
         self._push = push  # (actor key, event seq, stream id, frame bytes) -> to its sessions
         self._tasks: set[asyncio.Task[Any]] = set()
         self.forwarded_total = 0
@@ -113,6 +116,11 @@ class Messaging:
             await asyncio.wait(list(self._tasks), timeout=timeout)
 
     def owner(self, key: str) -> str:
+        migrator = self._migrator
+        if migrator.moved and (moved_to := migrator.redirect(key)) is not None:
+            return moved_to
+        if migrator.adopted_from and migrator.is_adopted(key):
+            return self.name
         ring = self._membership.ring
         return ring.owner(key) if ring.members else self.name
 
@@ -155,7 +163,9 @@ class Messaging:
 
         def fail(error: RingsideError) -> None:
             if future is not None and not future.done():
-                future.set_result(_err(error))
+                future.set_result(_err(error))  # "unavailable": the caller retries
+            elif future is None and isinstance(error, ActorMoved) and error.node:
+                self._spawn(self._peers.send(error.node, message))  # a send follows its actor
 
         try:
             self._runtime.deliver(message["to"], work, fail)
@@ -182,6 +192,11 @@ class Messaging:
         except (ValueError, KeyError, TypeError):
             if is_call:
                 link.send(Kind.ACTOR_REPLY, 0, frame.seq, 0, orjson.dumps(_err(BadRequest("bad message"))))
+            return
+        if key == "node" and message.get("op") == ADOPT_OP:
+            adopted = self._migrator.adopt(message["args"].get("actors"), str(message.get("from", "")))
+            if is_call:
+                link.send(Kind.ACTOR_REPLY, 0, frame.seq, 0, orjson.dumps(_ok({"adopted": adopted})))
             return
         owner = self.owner(key)
         if owner != self.name:

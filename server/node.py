@@ -22,11 +22,12 @@ from websockets.asyncio.server import serve
 
 from server.admin import admin_routes
 from server.config import ClusterConfig
-from server.errors import Overloaded, RingsideError, Unavailable, error_reply, ok_reply
+from server.errors import ActorMoved, Overloaded, RingsideError, Unavailable, error_reply, ok_reply
 from server.game import GameState
 from server.link import Link
 from server.membership import Membership
 from server.messaging import GAME_OPS, Messaging
+from server.migration import Migrator
 from server.peers import Peers
 from server.persister import Persister
 from server.player import PlayerState, Request, parse_request
@@ -191,6 +192,14 @@ class Node:
             max_frame=settings.max_link_frame_bytes,
             write_buffer=settings.link_write_buffer_bytes,
         )
+        self.migrator = Migrator(
+            name=name,
+            settings=settings,
+            runtime=self.runtime,
+            store=self.store,
+            write_behind=self.wb,
+            peers=self.peers,
+        )
         self.messaging = Messaging(
             name=name,
             settings=settings,
@@ -199,6 +208,7 @@ class Node:
             runtime=self.runtime,
             write_behind=self.wb,
             persister=self.persister,
+            migrator=self.migrator,
             push=self._push,
         )
         self._link_keyring = config.link_keyring
@@ -260,6 +270,9 @@ class Node:
     def _on_attach(self, link: Link, frame: Frame) -> None:
         player = frame.payload.decode(errors="replace")
         actor = f"player:{player}"
+        if self.migrator.moved and (moved_to := self.migrator.redirect(actor)) is not None:
+            link.send(Kind.MOVED, frame.session, payload=moved_to.encode())
+            return
         old = self.sessions.get(frame.session)
         if old is not None and old.actor != actor:
             self._detach(frame.session)
@@ -274,7 +287,10 @@ class Node:
 
         def failed(error: RingsideError) -> None:
             self._detach(session.id)
-            link.send(Kind.ERROR, session.id, payload=error_reply(None, error))
+            if isinstance(error, ActorMoved) and error.node:
+                link.send(Kind.MOVED, session.id, payload=error.node.encode())
+            else:
+                link.send(Kind.ERROR, session.id, payload=error_reply(None, error))
 
         try:
             self.runtime.attach(actor, attached, failed)
@@ -320,6 +336,13 @@ class Node:
             return None
 
         def failed(error: RingsideError) -> None:
+            if isinstance(error, ActorMoved):
+                # Not the client's business: the session re-attaches and replays this.
+                if error.node:
+                    link.send(Kind.MOVED, session.id, payload=error.node.encode())
+                else:
+                    link.send(Kind.SESSION_LOST, session.id, seq)
+                return
             request_id = None
             try:
                 request_id = parse_request(payload).id
@@ -392,7 +415,14 @@ class Node:
             durable = max(session.last_seq, act.flushed_seq) if clean else act.flushed_seq
             session.link.send(Kind.DURABLE, session_id, durable)
 
-    def _on_deactivated(self, act: Activation, stale: bool) -> None:
+    def _on_deactivated(self, act: Activation, stale: bool, moved_to: str | None) -> None:
+        self.migrator.forget(act.key)
+        if moved_to is not None:
+            for session_id in list(self.sessions_by_actor.get(act.key, ())):
+                session = self.sessions[session_id]
+                session.link.send(Kind.MOVED, session_id, payload=moved_to.encode())
+                self._detach(session_id)
+            return
         if not stale:
             return
         # Our activation lost its epoch: the sessions must re-attach (to a fresh
@@ -412,20 +442,33 @@ class Node:
 
     # -- ring changes, drain ------------------------------------------------
     def _on_ring_change(self, ring: HashRing) -> None:
-        if ring.members and self.draining_since is None:
-            self._spawn(self._hand_off(lambda key: ring.owner(key) != self.name))
+        draining = self.draining_since is not None
+        self.migrator.on_ring_change(ring.members, None if draining or not ring.members else ring.owner)
+        if ring.members and not draining:
+            adopted = self.migrator.is_adopted  # ours until its sender leaves the ring
+            self._spawn(self._hand_off(lambda key: ring.owner(key) != self.name and not adopted(key), ring))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _hand_off(self, moving: Callable[[str], bool], timeout: float = 5.0) -> int:
-        """Write the actors that now belong elsewhere at once, so their new owners load
-        fresh state; then passivate those no session holds here any more."""
+    def _by_sessions_first(self, keys: list[str]) -> list[str]:
+        """Actors with sessions first: theirs are the pauses players see."""
+        return sorted(keys, key=lambda k: k not in self.sessions_by_actor)
+
+    async def _hand_off(self, moving: Callable[[str], bool], ring: HashRing, timeout: float = 5.0) -> int:
+        """Hand the actors that now belong elsewhere to their new owners: node to node
+        (live), or by writing them at once so their new owners load fresh state."""
         keys = [key for key in self.runtime.actors if moving(key)]
         if not keys:
             return 0
+        started = time.monotonic()
+        migrated = 0
+        if self.config.node.handoff == "live":
+            deadline = started + self.config.node.migration_timeout_s
+            migrated = await self.migrator.migrate(self._by_sessions_first(keys), ring.owner, deadline)
+            keys = [key for key in keys if key in self.runtime.actors and moving(key)]
         for key in keys:
             if self.wb.is_dirty(key):
                 self.wb.mark_dirty(key, urgent=True)
@@ -444,9 +487,17 @@ class Node:
                 if timed:
                     # Its deadline must keep running: wake it on its new owner.
                     self.messaging.send(key, "game.wake", {})
-        self.handoffs_total += handed
-        log.info("handed off actors", extra={"actors": handed, "moving": len(keys)})
-        return handed
+        self.handoffs_total += handed + migrated
+        log.info(
+            "handed off actors",
+            extra={
+                "migrated": migrated,
+                "via_redis": handed,
+                "moving": len(keys) + migrated,
+                "elapsed_s": round(time.monotonic() - started, 3),
+            },
+        )
+        return handed + migrated
 
     def _admin_drain(self) -> dict[str, Any]:
         if self.draining_since is None:
@@ -461,12 +512,33 @@ class Node:
         log.info("drain started", extra={"actors": len(self.runtime), "sessions": len(self.sessions)})
         # 1. Everything in Redis while we still own it, so new owners load fresh state.
         await self.persister.flush_all(deadline=min(deadline, started + 10))
+        # 1b. Live migration: each actor's state and a fresh epoch go to its owner in the
+        #     ring without us; sessions follow (MOVED) before we even leave the ring.
+        migrated = 0
+        others = [n for n in self.membership.live_nodes() if n != self.name]
+        if settings.handoff == "live" and others:
+            target = HashRing(others)
+            migration_deadline = min(deadline, time.monotonic() + settings.migration_timeout_s)
+            while self.runtime.actors and time.monotonic() < migration_deadline:
+                keys = self._by_sessions_first(list(self.runtime.actors))
+                count = await self.migrator.migrate(keys, target.owner, migration_deadline)
+                migrated += count
+                if not count:
+                    break  # Redis away or all busy past the deadline: the Redis way below
+            log.info(
+                "migrated actors",
+                extra={
+                    "migrated": migrated,
+                    "left": len(self.runtime),
+                    "elapsed_s": round(time.monotonic() - started, 3),
+                },
+            )
         # 2. Leave the ring: peers (the gateway first of all) re-pin our sessions and
         #    route our actors' messages to their new owners; we forward what still comes.
         leaving = asyncio.get_running_loop().create_task(self.membership.leave(settings.leave_timeout_s))
-        # 3. Hand off: the gateway re-pins our sessions; we write at once what they changed
-        #    meanwhile. Then every actor is in Redis and its new owner loads it on first use;
-        #    passivating them one by one here would only compete for the CPU with the moves.
+        # 3. What did not migrate (handoff "redis", or busy past the deadline) goes the Redis
+        #    way: the gateway re-pins its sessions and we write at once what they changed
+        #    meanwhile; its new owner loads it on first use.
         last_report = 0.0
         while time.monotonic() < deadline:
             if not self.sessions and not len(self.wb):
@@ -486,11 +558,12 @@ class Node:
                 self.messaging.send(key, "game.wake", {})
         await self.messaging.settle(timeout=1.0)
         self.runtime.drop_all()
-        self.handoffs_total += handed
+        self.handoffs_total += handed + migrated
         log.info(
             "drain finished",
             extra={
                 "elapsed_s": round(time.monotonic() - started, 3),
+                "migrated": migrated,
                 "handed_off": handed,
                 "left_actors": unflushed,
                 "left_sessions": len(self.sessions),
@@ -531,6 +604,8 @@ class Node:
                 None if self.draining_since is None else round(time.monotonic() - self.draining_since, 3)
             ),
             "handoffs": self.handoffs_total,
+            "migrated": self.migrator.migrated_total,
+            "adopted": self.runtime.adopted_total,
             "link_auth_failures": self.link_auth_failures,
             "uptime_s": round(time.time() - self.started_at, 1),
             "actors": len(self.runtime),
@@ -594,6 +669,7 @@ class Node:
         while True:
             await asyncio.sleep(1.0)
             self.runtime.passivate_idle(time.monotonic())
+            self.migrator.prune()
 
 
 KNOWN_OPS = frozenset({"ping", "player.get", "player.update"}) | GAME_OPS

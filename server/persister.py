@@ -14,6 +14,8 @@ from server.writebehind import WriteBehind
 
 log = logging.getLogger("ringside.persister")
 
+_WRITABLE = (ActorState.ACTIVE, ActorState.MIGRATING)  # a frozen state may still be written
+
 
 class Persister:
     def __init__(
@@ -75,7 +77,7 @@ class Persister:
         versions: list[int] = []
         for key in keys:
             act = self._runtime.actors.get(key)
-            if act is None or act.state is not ActorState.ACTIVE:
+            if act is None or act.state not in _WRITABLE:
                 self._wb.discard(key)
                 continue
             acts.append(act)

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 from server.config import NodeSettings
-from server.errors import Overloaded, RingsideError, Unavailable
+from server.errors import ActorMoved, Overloaded, RingsideError, Unavailable
 from server.player import PlayerState
 from server.store import Store, StoreUnavailable
 from server.writebehind import WriteBehind
@@ -29,12 +29,14 @@ log = logging.getLogger("ringside.runtime")
 class ActorState(enum.Enum):
     ACTIVATING = "activating"
     ACTIVE = "active"
+    MIGRATING = "migrating"  # frozen while its state travels to a new owner; messages wait
     DEACTIVATED = "deactivated"
 
 
 TRANSITIONS: dict[ActorState, frozenset[ActorState]] = {
     ActorState.ACTIVATING: frozenset({ActorState.ACTIVE, ActorState.DEACTIVATED}),
-    ActorState.ACTIVE: frozenset({ActorState.DEACTIVATED}),
+    ActorState.ACTIVE: frozenset({ActorState.MIGRATING, ActorState.DEACTIVATED}),
+    ActorState.MIGRATING: frozenset({ActorState.ACTIVE, ActorState.DEACTIVATED}),
     ActorState.DEACTIVATED: frozenset(),
 }
 
@@ -110,7 +112,7 @@ class ActorRuntime:
         clock: Callable[[], float],
         load: Callable[[str, bytes | None], ActorData],
         on_activated: Callable[[Activation], None],
-        on_deactivated: Callable[[Activation, bool], None],
+        on_deactivated: Callable[[Activation, bool, str | None], None],
     ) -> None:
         self._store = store
         self._wb = write_behind
@@ -118,12 +120,15 @@ class ActorRuntime:
         self._clock = clock
         self._load = load  # actor key and stored blob -> state object
         self._on_activated = on_activated
-        self._on_deactivated = on_deactivated  # (activation, stale)
+        self._on_deactivated = on_deactivated  # (activation, stale, node it migrated to)
         self.actors: OrderedDict[str, Activation] = OrderedDict()  # least recently used first
         self._tasks: set[asyncio.Task[None]] = set()
         self.activations_total = 0
         self.passivations_total = 0
         self.stale_total = 0
+        self.adopted_total = 0
+        self.migrated_total = 0
+        self._adopted_unattached: set[str] = set()  # adopted here, no session attached yet
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -150,7 +155,10 @@ class ActorRuntime:
         current epoch: a session that moves back to this node must not meet the state
         it left behind here."""
         act = self.actors.get(key)
-        if act is None or act.state is not ActorState.ACTIVE:
+        if act is None or act.state is not ActorState.ACTIVE or key in self._adopted_unattached:
+            # A state adopted by live migration holds the epoch its old owner just took
+            # for us: current, no need to ask Redis.
+            self._adopted_unattached.discard(key)
             self.deliver(key, work, fail)
             return
         act.pending.append((work, fail))
@@ -256,28 +264,78 @@ class ActorRuntime:
             _, fail = act.pending.popleft()
             fail(error)
 
+    # -- live migration ---------------------------------------------------
+    def freeze(self, keys: list[str]) -> list[Activation]:
+        """Stop running turns for those of `keys` that are active and between turns, so
+        their state can travel; messages for them wait. Returns the frozen activations."""
+        frozen = []
+        for key in keys:
+            act = self.actors.get(key)
+            if act is not None and act.state is ActorState.ACTIVE and not act.busy:
+                act.transition(ActorState.MIGRATING)  # a timer firing now waits too
+                frozen.append(act)
+        return frozen
+
+    def thaw(self, act: Activation) -> None:
+        """The migration did not happen (Redis away): run here again."""
+        if act.state is ActorState.MIGRATING:
+            act.transition(ActorState.ACTIVE)
+            self._drain(act)
+
+    def migrated(self, act: Activation, node: str) -> None:
+        """`act`'s state is in Redis under its new owner's epoch: deactivate it here; the
+        messages that waited fail with ActorMoved(node) so their senders go there."""
+        if act.state is ActorState.MIGRATING:
+            self._wb.discard(act.key)
+            act.durable_upto(act.version, True)  # the hand-over wrote the state
+            self.migrated_total += 1
+            self._deactivate(act, stale=False, moved_to=node)
+
+    def fenced(self, act: Activation) -> None:
+        """The hand-over found a newer epoch: another node has the actor; drop ours."""
+        if act.state is ActorState.MIGRATING:
+            self.stale_total += 1
+            self._deactivate(act, stale=True)
+
+    def adopt(self, key: str, epoch: int, blob: bytes) -> bool:
+        """Activate `key` with a state its old owner handed over under `epoch` (taken for us,
+        current by construction). False if it is here already or there is no room."""
+        if key in self.actors or len(self.actors) >= self._settings.max_activations:
+            return False
+        act = Activation(key, self._clock())
+        act.epoch = epoch
+        act.data = self._load(key, blob)
+        act.flushed_seq = getattr(act.data, "applied_seq", 0)
+        act.transition(ActorState.ACTIVE)
+        self.actors[key] = act
+        self._adopted_unattached.add(key)
+        self.adopted_total += 1
+        self._on_activated(act)
+        return True
+
     def drop_stale(self, key: str) -> None:
         """A write of `key` was refused: a newer activation exists elsewhere. Drop ours unwritten."""
         act = self.actors.get(key)
-        if act is not None:
+        if act is not None and act.state is not ActorState.MIGRATING:  # the migration decides
             self.stale_total += 1
             log.warning("stale epoch; deactivating", extra={"actor": key, "epoch": act.epoch})
             self._deactivate(act, stale=True)
 
-    def _deactivate(self, act: Activation, *, stale: bool) -> None:
+    def _deactivate(self, act: Activation, *, stale: bool, moved_to: str | None = None) -> None:
         if self.actors.get(act.key) is act:
             del self.actors[act.key]
+            self._adopted_unattached.discard(act.key)
         if stale:
             self._wb.discard(act.key)
         act.transition(ActorState.DEACTIVATED)
         if act.timer is not None:
             act.timer.cancel()
         act.durable_upto(act.version, False)
-        error = Unavailable("the actor moved; try again")
+        error = ActorMoved(moved_to)
         while act.pending:
             _, fail = act.pending.popleft()
             fail(error)
-        self._on_deactivated(act, stale)
+        self._on_deactivated(act, stale, moved_to)
 
     def passivate(self, key: str) -> bool:
         """Deactivate `key` if it is clean and idle right now; True if it was."""

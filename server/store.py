@@ -30,6 +30,24 @@ for i = 1, #KEYS, 2 do
 end
 return written
 """
+# Live migration (a drain, a scale-up): the same fenced write, then take the next epoch for
+# the new owner, who adopts the state under it without a round trip of its own. The old
+# owner's epoch is dead from here on. An empty blob: the state in Redis is current already.
+# Returns the new epoch per actor, 0 where the caller's epoch was no longer current.
+HANDOVER_SCRIPT = """
+local epochs = {}
+for i = 1, #KEYS, 2 do
+  if redis.call('GET', KEYS[i]) == ARGV[i] then
+    if ARGV[i + 1] ~= '' then
+      redis.call('SET', KEYS[i + 1], ARGV[i + 1])
+    end
+    epochs[#epochs + 1] = redis.call('INCR', KEYS[i])
+  else
+    epochs[#epochs + 1] = 0
+  end
+end
+return epochs
+"""
 CAS_CHUNK = 128  # actors per script call; bounds how long one call holds Redis
 ACTIVATION_CHUNK = 512  # activations per pipeline
 
@@ -65,7 +83,7 @@ class Store:
             socket_connect_timeout=timeout,
         )
         self._redis = aioredis.Redis(connection_pool=pool)
-        self._cas_sha: str | None = None
+        self._shas: dict[str, str] = {}  # script text -> its SHA once loaded
         self._activations: list[tuple[str, asyncio.Future[tuple[int, bytes | None]]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -150,27 +168,35 @@ class Store:
         Calls carry many actors' keys at once, so this needs a single Redis (not a Redis
         Cluster, where the keys of different actors live on different shards).
         """
+        return [r == 1 for r in await self._run_script(CAS_SCRIPT, writes)]
+
+    async def hand_over(self, writes: Sequence[Write]) -> list[int]:
+        """Write each state (fenced, as `write_batch`; an empty blob writes nothing) and take
+        the next epoch for its new owner, in one round trip. Returns the new epochs, 0 for
+        each actor whose epoch was stale."""
+        return [int(r) for r in await self._run_script(HANDOVER_SCRIPT, writes)]  # type: ignore[call-overload]
+
+    async def _run_script(self, script: str, writes: Sequence[Write]) -> list[object]:
         if not writes:
             return []
         try:
-            if self._cas_sha is None:
-                self._cas_sha = await self._redis.script_load(CAS_SCRIPT)
-            results = await self._run_cas(writes)
+            if script not in self._shas:
+                self._shas[script] = await self._redis.script_load(script)
+            results = await self._run_chunks(self._shas[script], writes)
             if any(isinstance(r, NoScriptError) for r in results):
                 # Redis restarted without its script cache: load it again, redo once.
-                self._cas_sha = await self._redis.script_load(CAS_SCRIPT)
-                results = await self._run_cas(writes)
+                self._shas[script] = await self._redis.script_load(script)
+                results = await self._run_chunks(self._shas[script], writes)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
-        written: list[bool] = []
+        flat: list[object] = []
         for result in results:
             if isinstance(result, Exception):
                 raise StoreUnavailable(str(result))
-            written.extend(r == 1 for r in result)  # type: ignore[attr-defined]
-        return written
+            flat.extend(result)  # type: ignore[arg-type]
+        return flat
 
-    async def _run_cas(self, writes: Sequence[Write]) -> list[object]:
-        assert self._cas_sha is not None
+    async def _run_chunks(self, sha: str, writes: Sequence[Write]) -> list[object]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for start in range(0, len(writes), CAS_CHUNK):
                 chunk = writes[start : start + CAS_CHUNK]
@@ -179,5 +205,5 @@ class Store:
                 for w in chunk:
                     keys += (epoch_key(w.key), state_key(w.key))
                     args += (w.epoch, w.blob)
-                pipe.evalsha(self._cas_sha, len(keys), *keys, *args)
+                pipe.evalsha(sha, len(keys), *keys, *args)
             return list(await pipe.execute(raise_on_error=False))

@@ -34,6 +34,7 @@ class Kind(enum.IntEnum):
     FILL = 13  # gw->node: the client got a stream (aux) up to seq only; push what follows again
     LINK_CHALLENGE = 14  # acceptor->dialer, first frame: payload = 16 random bytes
     LINK_PROOF = 15  # dialer->acceptor: payload = HMAC-SHA256(link key, challenge)
+    MOVED = 16  # node->gw: the actor migrated to the node named in the payload; attach there
 
 
 @dataclass(frozen=True, slots=True)

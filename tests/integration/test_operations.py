@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from loadtest.checker import IncrementLoad
 from server.cluster import pid_alive
 from tests.integration.test_games import check_streams, drain_events, start_game
@@ -25,8 +27,9 @@ async def game_traffic(clients, game, received, stop: asyncio.Event, acked: dict
     await asyncio.gather(*(one(c) for c in clients))
 
 
-def test_drain_add_node_and_rolling_restart_under_load(make_cluster):
-    cluster = make_cluster(standby=1)
+@pytest.mark.parametrize("handoff", ["live", "redis"])
+def test_drain_add_node_and_rolling_restart_under_load(make_cluster, handoff):
+    cluster = make_cluster(standby=1, extra=f'[node]\nhandoff = "{handoff}"')
     local = cluster.local
     scores: dict[str, int] = {}
 
@@ -44,10 +47,15 @@ def test_drain_add_node_and_rolling_restart_under_load(make_cluster):
         assert not pid_alive(n2_pid), "the drained node's process has exited"
         assert cluster.gateway_status()["membership"]["members"].get("n2") in ("left", None)
         await load.wait_for_acks(1000, timeout=30)
+        adopted = sum(cluster.node_status(n)["adopted"] for n in ("n1", "n3"))
+        # Live: every actor n2 held (~70 players, maybe the game) went node to node.
+        assert adopted > 50 if handoff == "live" else adopted == 0
 
         await asyncio.to_thread(local.add_node, "n4")
         await load.wait_for_acks(1000, timeout=30)
         assert cluster.node_status("n4")["sessions"] > 0, "sessions moved to the new node"
+        adopted = cluster.node_status("n4")["adopted"]
+        assert adopted > 20 if handoff == "live" else adopted == 0
 
         deploy_started = time.monotonic()
         await asyncio.to_thread(local.deploy)

@@ -149,6 +149,18 @@ def test_stale_epoch_write_is_refused_in_redis(cluster):
             assert await store.write_batch([Write("player:race", new_epoch, b'{"xp": 2}')]) == [True]
             assert await store.write_batch([Write("player:race", old_epoch, b'{"xp": 1}')]) == [False]
             assert await store.load("player:race") == b'{"xp": 2}'
+            # Live migration: write and take the next epoch in one step; the old owner is
+            # fenced off by it, and a hand-over with a stale epoch changes nothing.
+            handed = await store.hand_over(
+                [Write("player:race", new_epoch, b'{"xp": 3}'), Write("player:race", old_epoch, b'{"xp": 9}')]
+            )
+            assert handed == [new_epoch + 1, 0]
+            assert await store.load("player:race") == b'{"xp": 3}'
+            assert await store.write_batch([Write("player:race", new_epoch, b'{"xp": 4}')]) == [False]
+            # An empty blob (a clean state) moves only the epoch.
+            assert await store.hand_over([Write("player:race", new_epoch + 1, b"")]) == [new_epoch + 2]
+            assert await store.load("player:race") == b'{"xp": 3}'
+            assert await store.current_epoch("player:race") == new_epoch + 2
         finally:
             await store.close()
 

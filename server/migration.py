@@ -1,0 +1,188 @@
+"""Live migration: hand actors to their new owners node to node (drain, scale-up).
+
+For each batch of actors bound for one new owner:
+
+1. freeze them between turns (messages for them wait in their queues);
+2. one Redis round trip writes what was not yet durable and takes the next epoch for the
+   new owner (`Store.hand_over`): from here on our epoch is dead, so nothing we could
+   still do to these actors can reach Redis (invariant 1);
+3. send the states with their new epochs to the new owner, who activates them at once,
+   without a Redis round trip of its own (`adopt`);
+4. deactivate them here: each waiting message fails with ActorMoved(new owner), so a
+   gateway session re-attaches there (MOVED) and replays, and an actor call retries there.
+
+Redis stays the fallback at every step: if the new owner does not take a state, it is in
+Redis under the new epoch and loads on first use; if Redis does not answer, the actors
+thaw and take the Redis way later (flush, leave, load).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from server.config import NodeSettings
+from server.peers import PeerLost, Peers
+from server.runtime import Activation, ActorRuntime, ActorState
+from server.store import Store, StoreUnavailable, Write
+from server.writebehind import WriteBehind
+
+log = logging.getLogger("ringside.migration")
+
+ADOPT_OP = "actors.adopt"  # the node-addressed message carrying handed-over states
+
+
+class Migrator:
+    def __init__(
+        self,
+        *,
+        name: str,
+        settings: NodeSettings,
+        runtime: ActorRuntime,
+        store: Store,
+        write_behind: WriteBehind,
+        peers: Peers,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self._settings = settings
+        self._runtime = runtime
+        self._store = store
+        self._wb = write_behind
+        self._peers = peers
+        self._clock = clock
+        self.moved: dict[str, tuple[str, float]] = {}  # actor -> (its new owner, when)
+        self.adopted_from: dict[str, str] = {}  # actor -> the node that handed it to us
+        self.migrated_total = 0
+        self.fenced_total = 0  # hand-overs refused: another node had taken the actor meanwhile
+        self._redis_failed = False
+
+    # -- the old owner's side -----------------------------------------------
+    def redirect(self, key: str) -> str | None:
+        """The node `key` migrated to, while we still point messages there."""
+        entry = self.moved.get(key)
+        return entry[0] if entry is not None else None
+
+    async def migrate(self, keys: list[str], owner_of: Callable[[str], str], deadline: float) -> int:
+        """Hand `keys` over to `owner_of(key)`, in order (put those with sessions first).
+        Actors busy in a turn are retried until `deadline`. Returns how many were handed."""
+        handed = 0
+        remaining = keys
+        self._redis_failed = False
+        while remaining:
+            frozen = self._runtime.freeze(remaining)
+            batches: dict[str, list[Activation]] = {}
+            for act in frozen:
+                owner = owner_of(act.key)
+                if owner == self.name:
+                    self._runtime.thaw(act)
+                else:
+                    batches.setdefault(owner, []).append(act)
+            counts = await asyncio.gather(*(self._hand_over(o, acts) for o, acts in batches.items()))
+            handed += sum(counts)
+            actors = self._runtime.actors
+            remaining = [
+                k
+                for k in remaining
+                if k in actors and actors[k].state is ActorState.ACTIVE and owner_of(k) != self.name
+            ]
+            if not remaining or self._redis_failed or self._clock() >= deadline:
+                break
+            await asyncio.sleep(0.005)  # busy actors: their turns end soon
+        return handed
+
+    async def _hand_over(self, owner: str, acts: list[Activation]) -> int:
+        """Hand `acts` to `owner` in messages of at most migration_batch_bytes."""
+        handed = 0
+        batch: list[tuple[Activation, bytes]] = []
+        size = 0
+        for act in acts:
+            blob = act.data.to_blob()
+            if batch and size + len(blob) > self._settings.migration_batch_bytes:
+                handed += await self._hand_over_batch(owner, batch)
+                batch, size = [], 0
+            batch.append((act, blob))
+            size += len(blob) + 64
+        if batch:
+            handed += await self._hand_over_batch(owner, batch)
+        return handed
+
+    async def _hand_over_batch(self, owner: str, batch: list[tuple[Activation, bytes]]) -> int:
+        writes = [
+            # A clean state is in Redis already: only the epoch moves on.
+            Write(act.key, act.epoch, blob if self._wb.is_dirty(act.key) else b"")
+            for act, blob in batch
+        ]
+        try:
+            epochs = await self._store.hand_over(writes)
+        except StoreUnavailable as exc:
+            log.warning("hand-over failed; actors stay", extra={"actors": len(batch), "error": str(exc)})
+            for act, _ in batch:
+                self._runtime.thaw(act)
+            self._redis_failed = True  # the rest take the Redis way once it is back
+            return 0
+        entries: list[list[Any]] = []
+        taken: list[Activation] = []
+        for (act, blob), epoch in zip(batch, epochs, strict=True):
+            if epoch == 0:  # another node activated it meanwhile: ours is stale
+                self.fenced_total += 1
+                self._runtime.fenced(act)
+                continue
+            entries.append([act.key, epoch, blob.decode()])
+            taken.append(act)
+        if entries:
+            message = {"to": "node", "op": ADOPT_OP, "from": self.name, "args": {"actors": entries}}
+            try:
+                await self._peers.call(owner, message, self._settings.call_timeout_s)
+            except (PeerLost, TimeoutError) as exc:
+                # The states are in Redis under the new epochs: the owner loads them instead.
+                log.warning("adopt call failed", extra={"node": owner, "error": str(exc)})
+        now = self._clock()
+        for act in taken:
+            self.moved[act.key] = (owner, now)
+            self._runtime.migrated(act, owner)
+        self.migrated_total += len(taken)
+        return len(taken)
+
+    # -- the new owner's side -------------------------------------------------
+    def adopt(self, entries: Any, sender: str) -> int:
+        """Activate the states `sender` handed over; returns how many were taken. One that
+        is active here already (loaded from Redis first) keeps its newer epoch."""
+        if not isinstance(entries, list):
+            return 0
+        adopted = 0
+        for entry in entries:
+            try:
+                key, epoch, blob = entry
+                if not (isinstance(key, str) and isinstance(epoch, int) and isinstance(blob, str)):
+                    continue
+                if self._runtime.adopt(key, epoch, blob.encode()):
+                    adopted += 1
+                    self.moved.pop(key, None)
+                    self.adopted_from[key] = sender
+            except Exception:  # a bad entry costs that actor only: it loads from Redis
+                log.exception("adopt failed", extra={"entry": str(entry)[:200]})
+        return adopted
+
+    def is_adopted(self, key: str) -> bool:
+        """Adopted from a node that is still in our ring: ours, though the ring says otherwise."""
+        return key in self.adopted_from
+
+    # -- bookkeeping ------------------------------------------------------------
+    def on_ring_change(self, members: tuple[str, ...], owner_of: Callable[[str], str] | None) -> None:
+        """Once a sender left the ring, the ring itself says where its actors are. With
+        `owner_of` (we are not leaving), an actor that is ours again is not redirected."""
+        self.adopted_from = {k: n for k, n in self.adopted_from.items() if n in members}
+        if owner_of is not None:
+            self.moved = {k: v for k, v in self.moved.items() if owner_of(k) != self.name}
+
+    def forget(self, key: str) -> None:
+        self.adopted_from.pop(key, None)
+
+    def prune(self) -> None:
+        cutoff = self._clock() - self._settings.migration_redirect_s
+        if self.moved:
+            self.moved = {k: v for k, v in self.moved.items() if v[1] >= cutoff}

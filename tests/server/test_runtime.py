@@ -1,0 +1,138 @@
+"""The runtime's live-migration states: freeze, hand over, adopt. No Redis is touched:
+an adopted actor needs no round trip, and the store is never called here."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from server.config import NodeSettings
+from server.errors import ActorMoved, RingsideError
+from server.migration import Migrator
+from server.player import PlayerState
+from server.runtime import Activation, ActorRuntime, ActorState
+from server.writebehind import WriteBehind
+
+
+class NoStore:
+    def __getattr__(self, name: str):
+        raise AssertionError(f"the store was called: {name}")
+
+
+def make_runtime(deactivated: list[tuple[str, bool, str | None]]) -> tuple[ActorRuntime, WriteBehind]:
+    wb = WriteBehind(
+        interval=0.1, batch_max=10, max_dirty=10, retry_base=0.05, retry_cap=1, rng=random.Random(1), now=0
+    )
+    runtime = ActorRuntime(
+        NoStore(),  # type: ignore[arg-type]
+        wb,
+        NodeSettings(max_activations=3),
+        clock=lambda: 0.0,
+        load=lambda key, blob: PlayerState.from_blob(blob, default_name=key),
+        on_activated=lambda act: None,
+        on_deactivated=lambda act, stale, moved_to: deactivated.append((act.key, stale, moved_to)),
+    )
+    return runtime, wb
+
+
+def blob(xp: int, seq: int) -> bytes:
+    state = PlayerState("p")
+    state.xp, state.applied_seq = xp, seq
+    return state.to_blob()
+
+
+def test_adopt_activates_without_the_store_and_refuses_a_second_copy():
+    async def main():
+        runtime, _ = make_runtime([])
+        assert runtime.adopt("player:a", 7, blob(5, 3))
+        act = runtime.actors["player:a"]
+        assert (act.state, act.epoch, act.player.xp, act.flushed_seq) == (ActorState.ACTIVE, 7, 5, 3)
+        assert not runtime.adopt("player:a", 9, blob(1, 1)), "the copy here is kept"
+        ran: list[int] = []
+        runtime.attach("player:a", lambda act: ran.append(act.epoch), lambda error: None)
+        assert ran == [7], "the first attach of an adopted actor does not ask Redis"
+        runtime.adopt("player:b", 1, blob(0, 0))
+        runtime.adopt("player:c", 1, blob(0, 0))
+        assert not runtime.adopt("player:d", 1, blob(0, 0)), "max_activations holds"
+
+    asyncio.run(main())
+
+
+def test_a_frozen_actor_queues_messages_and_hands_them_to_its_new_owner():
+    async def main():
+        deactivated: list[tuple[str, bool, str | None]] = []
+        runtime, wb = make_runtime(deactivated)
+        runtime.adopt("player:a", 3, blob(1, 1))
+        wb.mark_dirty("player:a")
+        durable: list[bool] = []
+        runtime.actors["player:a"].wait_durable(durable.append)
+        [frozen] = runtime.freeze(["player:a", "player:missing"])
+        assert frozen.state is ActorState.MIGRATING
+        ran: list[Activation] = []
+        failed: list[RingsideError] = []
+        runtime.deliver("player:a", ran.append, failed.append)
+        assert ran == [] and len(frozen.pending) == 1, "a message for a frozen actor waits"
+        runtime.drop_stale("player:a")
+        assert frozen.state is ActorState.MIGRATING, "a refused flush does not undo a migration"
+        runtime.migrated(frozen, "n3")
+        assert "player:a" not in runtime.actors and not wb.is_dirty("player:a")
+        assert durable == [True], "the hand-over wrote the state: group commits complete"
+        assert len(failed) == 1 and isinstance(failed[0], ActorMoved) and failed[0].node == "n3"
+        assert failed[0].code == "unavailable"
+        assert deactivated == [("player:a", False, "n3")]
+
+    asyncio.run(main())
+
+
+def test_thaw_runs_the_waiting_messages_here_and_a_fenced_one_is_dropped():
+    async def main():
+        deactivated: list[tuple[str, bool, str | None]] = []
+        runtime, _ = make_runtime(deactivated)
+        runtime.adopt("player:a", 3, blob(1, 1))
+        runtime.adopt("player:b", 3, blob(1, 1))
+        a, b = runtime.freeze(["player:a", "player:b"])
+        ran: list[str] = []
+        runtime.deliver("player:a", lambda act: ran.append(act.key), lambda error: None)
+        runtime.thaw(a)
+        assert a.state is ActorState.ACTIVE and ran == ["player:a"]
+        failed: list[RingsideError] = []
+        runtime.deliver("player:b", lambda act: ran.append(act.key), failed.append)
+        runtime.fenced(b)
+        assert "player:b" not in runtime.actors and ran == ["player:a"]
+        assert isinstance(failed[0], ActorMoved) and failed[0].node is None
+        assert deactivated == [("player:b", True, None)]
+
+    asyncio.run(main())
+
+
+def test_a_busy_actor_is_not_frozen():
+    async def main():
+        runtime, _ = make_runtime([])
+        runtime.adopt("player:a", 3, blob(1, 1))
+        gate = asyncio.get_running_loop().create_future()
+        runtime.deliver("player:a", lambda act: gate, lambda error: None)
+        assert runtime.freeze(["player:a"]) == []
+        gate.set_result(None)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert len(runtime.freeze(["player:a"])) == 1
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("entries", [None, "x", [["k"]], [[1, 2, "x"]], [["player:a", "1", "{}"]]])
+def test_migrator_adopt_skips_malformed_entries(entries):
+    async def main():
+        runtime, wb = make_runtime([])
+        migrator = Migrator(
+            name="n1", settings=NodeSettings(), runtime=runtime, store=NoStore(), write_behind=wb, peers=None
+        )  # type: ignore[arg-type]
+        assert migrator.adopt(entries, "n2") == 0
+        assert migrator.adopt([["player:a", 4, blob(2, 2).decode()]], "n2") == 1
+        assert migrator.is_adopted("player:a")
+        migrator.on_ring_change(("n1", "n3"), None)
+        assert not migrator.is_adopted("player:a"), "its sender left the ring"
+
+    asyncio.run(main())
