@@ -387,11 +387,18 @@ class Gateway:
         if not core.fresh and core.moving_since is not None:
             self.metrics.session_moves.inc()
             self.metrics.move_seconds.observe(time.monotonic() - core.moving_since)
+        moved = not core.fresh
         replay = core.attached(link.name, frame.seq)
         for seq, payload in replay:
             link.send(Kind.REQUEST, core.id, seq, 0, payload)
         if replay:
             self.metrics.replayed.inc(len(replay))
+        if moved:
+            # An event pushed to the actor while no session was attached to it (mid-move)
+            # reached no one; if it was a game's last, no later one reveals the gap. Ask
+            # the new owner for whatever follows what this client has.
+            for stream, last in core.streams():
+                link.send(Kind.FILL, core.id, last, stream)
         if not cs.attached.done():
             cs.attached.set_result(None)
 

@@ -145,6 +145,10 @@ class Session:
         self._streams[stream] = seq
         return PushVerdict.DELIVER
 
+    def streams(self) -> list[tuple[int, int]]:
+        """(stream, last seq delivered) for each stream this session follows."""
+        return list(self._streams.items())
+
     def last_pushed(self, stream: int) -> int:
         return self._streams.get(stream, 0)
 

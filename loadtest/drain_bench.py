@@ -1,11 +1,16 @@
 """Drain benchmark: how long draining a node holding ~10,000 active player actors takes, the
-pause each live session on it sees while it moves, and whether anything was lost.
+pause each live session on it sees while it moves, and whether anything was lost, for each
+hand-off mode (`[node] handoff`): "live" (live migration) and "redis" (the Redis hand-off).
 
     .venv/bin/python -m loadtest.drain_bench [--runs 3] [--actors 10000] [--sessions 200]
+        [--handoff live,redis]
 
 Every run builds a fresh scratch cluster on 127.0.0.1 (embedded Redis, 3 nodes, gateway) in a
-temporary directory and tears it down afterwards. Nothing here asserts on timing: it reports
-figures (a progress line per step, a table, then one JSON line as the last line of output).
+temporary directory and tears it down afterwards; its config gets `[node] handoff = "<mode>"`.
+The runs alternate between the modes of `--handoff` (run 1 live, run 2 redis, run 3 live, ...;
+`--runs` is runs per mode), so both are measured in one invocation on the same machine under
+the same background load. Nothing here asserts on timing: it reports figures (a progress line
+per step, a table with a row per run, then one JSON line as the last line of output).
 
 1. Activate `--actors` player actors on the victim (`--victim`, default n2): players whose
    owner on the 3-node ring is the victim (`HashRing(nodes).owner("player:<id>")`, the key
@@ -26,10 +31,17 @@ figures (a progress line per step, a table, then one JSON line as the last line 
    (`rs:{player:<id>}:state`) equals its acknowledged increments, every activation player's
    equals 1 (its one acknowledged increment); lost / doubled / disconnected counts.
 
-Live migration (state shipped node to node during the drain) is NOT implemented: the
-handoff goes through Redis (the draining node flushes, leaves the ring, passivates; new
-owners load from Redis on next use). There is therefore no live-migration-versus-Redis
-comparison; the flush figures are reported as the Redis-fallback reference.
+The two modes, as the node implements them (server/node.py `_drain`, server/migration.py):
+both first flush every dirty actor to Redis. With "live" the draining node then ships each
+actor's state to its owner in the ring without it, which adopts it under a fresh epoch, and
+the actor's sessions are told to move (MOVED) before the node leaves the ring; what is not
+migrated within `migration_timeout_s` goes the Redis way. With "redis" the node leaves the
+ring, the gateway re-pins its sessions, the node writes what they changed meanwhile, and new
+owners load the actors from Redis on first use. Per run: the mode, the migrated count (the
+victim's `drain finished` / `migrated actors` log lines) and the sum of `adopted` on the other
+nodes' /status after the drain. The summary aggregates per mode, plus the live/redis ratio of
+the medians of drain() and of the per-run pause p99 (below 1: live was shorter). With few runs
+on a shared machine these ratios are noisy; read them next to each mode's per-run figures.
 """
 
 from __future__ import annotations
@@ -52,7 +64,9 @@ import orjson
 from gateway.client import HelloFailed, RingsideClient
 from loadtest.checker import PlayerLoad
 from loadtest.failover_bench import Scratch, TimedLoad, close_run, fmt, say
-from server.cluster import pid_alive
+from loadtest.harness import write_config
+from server.cluster import LocalCluster, pid_alive
+from server.config import load_config
 from server.ring import HashRing
 
 TARGETS = {"drain_s": 2.0, "pause_p99_ms": 100.0}
@@ -66,10 +80,12 @@ ANCHORS = [
     ("Dapr actors", "reloaded from the state store after a 2 s drain timeout (drainOngoingCallTimeout)"),
     ("Colyseus", "graceful shutdown can wait forever, or exit before saves finish"),
 ]
-LIVE_MIGRATION_NOTE = (
-    "live migration is NOT implemented: the drain hands off through Redis (flush, leave the "
-    "ring, passivate; new owners load from Redis on next use), so there is no live-migration "
-    "vs Redis-fallback comparison; the flush figures below are the Redis-fallback reference"
+HANDOFF_MODES = ("live", "redis")
+HANDOFF_NOTE = (
+    "each run's cluster config sets [node] handoff: \"live\" ships each actor's state and a fresh "
+    "epoch node to node before the draining node leaves the ring (what does not migrate in time "
+    'goes the Redis way); "redis" flushes, leaves the ring, and new owners load from Redis on '
+    "next use. Runs alternate between the modes; ratios are live median / redis median"
 )
 
 
@@ -116,6 +132,46 @@ def activation_warnings(scratch: Scratch) -> dict[str, Any]:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def with_node_setting(extra: str, key: str, value: str) -> str:
+    """`extra` (TOML sections for write_config) with `key = value` in its [node] section:
+    set in the [node] table it already has (replacing `key` there), else a new [node] table,
+    so the written config never holds two [node] tables."""
+    setting = f"{key} = {value}"
+    lines = extra.strip().splitlines()
+    if "[node]" not in (line.strip() for line in lines):
+        return "\n".join([*lines, "[node]", setting]).strip() + "\n"
+    out: list[str] = []
+    section = None
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("["):
+            section = stripped
+            out.append(line)
+            if section == "[node]":
+                out.append(setting)
+        elif section == "[node]" and stripped.split("=")[0].strip() == key:
+            continue  # replaced by `setting`
+        else:
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+class DrainScratch(Scratch):
+    """A Scratch cluster whose config sets `[node] handoff` (written before anything starts)."""
+
+    def __init__(self, label: str, handoff: str, extra: str = "") -> None:
+        super().__init__(label)
+        self.handoff = handoff
+        # Rewrite the config in the same scratch dir, then load it the way Scratch does.
+        self.config_path = write_config(
+            self.dir, nodes=3, extra=with_node_setting(extra, "handoff", f'"{handoff}"')
+        )
+        self.config = load_config(self.config_path, env={})
+        self.local = LocalCluster(self.config, str(self.config_path), progress=lambda _msg: None)
+        g = self.config.gateway
+        self.url = f"ws://{g.host}:{g.port}/ws"
 
 
 def victim_players(ring: HashRing, victim: str, prefix: str, count: int, limit: int) -> list[str]:
@@ -210,7 +266,8 @@ class StatusPoller(threading.Thread):
 
 
 def parse_drain_log(path: Any) -> dict[str, Any]:
-    """From the node's JSON log: drain started / first hand-off / drain finished."""
+    """From the node's JSON log: drain started / first hand-off / migrated actors / drain
+    finished."""
     out: dict[str, Any] = {}
     try:
         lines = path.read_text(errors="replace").splitlines()
@@ -238,7 +295,15 @@ def parse_drain_log(path: Any) -> dict[str, Any]:
             out["log_actors_at_start"] = e.get("actors")
             out["log_sessions_at_start"] = e.get("sessions")
         elif ev == "handed off actors" and started is not None:
-            handoffs.append((ts(e), e.get("actors"), e.get("moving")))
+            # Now logged as migrated + via_redis; older nodes logged `actors`.
+            count = e.get("actors")
+            if count is None and ("migrated" in e or "via_redis" in e):
+                count = int(e.get("migrated") or 0) + int(e.get("via_redis") or 0)
+            handoffs.append((ts(e), count, e.get("moving")))
+        elif ev == "migrated actors":  # handoff "live" only
+            out["log_migrated"] = e.get("migrated")
+            out["migration_left"] = e.get("left")
+            out["migration_s"] = e.get("elapsed_s")
         elif ev == "node stopped" and finished is not None:
             stopped_ts = ts(e)
             if stopped_ts is not None:
@@ -246,6 +311,8 @@ def parse_drain_log(path: Any) -> dict[str, Any]:
         elif ev == "drain finished":
             finished = ts(e)
             out["node_elapsed_s"] = e.get("elapsed_s")
+            out["migrated"] = e.get("migrated")
+            out["drain_handed_off"] = e.get("handed_off")
             out["left_actors"] = e.get("left_actors")
             out["left_sessions"] = e.get("left_sessions")
             out["final_flush_ok"] = e.get("flushed")
@@ -256,6 +323,8 @@ def parse_drain_log(path: Any) -> dict[str, Any]:
         out["first_handoff_actors"] = handoffs[0][1]
         out["handoff_rounds"] = len(handoffs)
         out["handed_off_total"] = sum(h[1] or 0 for h in handoffs)
+    if out.get("migrated") is None and out.get("log_migrated") is not None:
+        out["migrated"] = out["log_migrated"]  # no `drain finished` line (e.g. killed)
     return out
 
 
@@ -293,17 +362,23 @@ def ms(x: float | None) -> float | None:
 # -- one run ----------------------------------------------------------------------------------
 
 
-async def drain_run(index: int, args: argparse.Namespace) -> dict[str, Any]:
-    scratch = Scratch(f"drain{index}")
+async def drain_run(index: int, handoff: str, args: argparse.Namespace) -> dict[str, Any]:
+    scratch = DrainScratch(f"drain{index}-{handoff}", handoff)
     victim = args.victim
-    record: dict[str, Any] = {"run": index, "victim": victim, "loadavg_1m_at_start": os.getloadavg()[0]}
+    record: dict[str, Any] = {
+        "run": index,
+        "handoff": handoff,
+        "handoff_config": scratch.config.node.handoff,  # as the nodes read the scratch config
+        "victim": victim,
+        "loadavg_1m_at_start": os.getloadavg()[0],
+    }
     load: DrainLoad | None = None
     try:
         await asyncio.to_thread(scratch.local.up)
         ring = HashRing(scratch.config.node_names)
         actors = victim_players(ring, victim, f"a{index}x", args.actors, args.actors * 10)
         live = victim_players(ring, victim, f"s{index}x", args.sessions, args.sessions * 10)
-        say(f"  run {index}: cluster up; activating {len(actors)} actors on {victim} ...")
+        say(f"  run {index} [{handoff}]: cluster up; activating {len(actors)} actors on {victim} ...")
 
         act = await activate(scratch, actors, concurrency=args.concurrency, timeout=args.activate_timeout)
         acked_actors = [p for p, ok in act["acked"].items() if ok]
@@ -328,7 +403,9 @@ async def drain_run(index: int, args: argparse.Namespace) -> dict[str, Any]:
         await load.wait_for_acks(max(2000, 10 * len(live)), timeout=60)
         await asyncio.sleep(1.0)  # steady state
         vs = await asyncio.to_thread(scratch.status, victim)
+        before = [await asyncio.to_thread(scratch.status, n) for n in scratch.running_nodes() if n != victim]
         record.update(
+            adopted_before=sum(int((st or {}).get("adopted") or 0) for st in before),
             live_sessions=len(live),
             victim_sessions_before=(vs or {}).get("sessions"),
             victim_actors_at_drain=(vs or {}).get("actors"),
@@ -396,6 +473,12 @@ async def drain_run(index: int, args: argparse.Namespace) -> dict[str, Any]:
             others[n] = st if st is not None else {}
         record["sessions_after"] = {n: s.get("sessions") for n, s in others.items()}
         record["actors_after"] = {n: s.get("actors") for n, s in others.items()}
+        record["adopted_after_by_node"] = {n: s.get("adopted") for n, s in others.items()}
+        record["adopted_after"] = sum(int(s.get("adopted") or 0) for s in others.values())
+        # The victim's own counter, from the last /status it answered before exiting.
+        record["victim_status_migrated_last"] = (
+            poller.samples[-1][1].get("migrated") if poller.samples else None
+        )
 
         record["stopped_cleanly"] = await load.stop_bounded()
         stopped, load = load, None
@@ -455,7 +538,38 @@ def check(scratch: Scratch, load: TimedLoad, acked_actors: list[str]) -> dict[st
 # -- report -----------------------------------------------------------------------------------
 
 
-def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+AGG_KEYS = (
+    "drain_s",
+    "node_elapsed_s",
+    "migration_s",
+    "first_handoff_s",
+    "dirty_zero_s",
+    "actors_zero_s",
+    "sessions_zero_s",
+    "pause_p50_ms",
+    "pause_p99_ms",
+    "pause_max_ms",
+    "baseline_gap_p99_ms",
+    "activation_s",
+    "migrated",
+    "adopted_after",
+)
+SUM_KEYS = (
+    "lost",
+    "doubled",
+    "lost_updates",
+    "doubled_updates",
+    "actors_lost",
+    "actors_doubled",
+    "disconnected",
+    "errors",
+    "connection_errors",
+    "activation_failures",
+)
+
+
+def summarize_mode(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The aggregates of a set of runs (one hand-off mode's)."""
     ok = [r for r in runs if "error" not in r and r.get("drain_s") is not None]
 
     def agg(key: str) -> dict[str, float | None]:
@@ -467,81 +581,105 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "runs": len(runs),
         "failed_runs": len(runs) - len(ok),
-        "targets": TARGETS,
         "victim_actors_at_drain": [r.get("victim_actors_at_drain") for r in runs],
-        "live_migration": "not implemented (Redis handoff only)",
+        "migrated_per_run": [r.get("migrated") for r in runs],
+        "adopted_after_per_run": [r.get("adopted_after") for r in runs],
     }
-    for key in (
-        "drain_s",
-        "node_elapsed_s",
-        "first_handoff_s",
-        "dirty_zero_s",
-        "actors_zero_s",
-        "sessions_zero_s",
-        "pause_p50_ms",
-        "pause_p99_ms",
-        "pause_max_ms",
-        "baseline_gap_p99_ms",
-        "activation_s",
-    ):
+    for key in AGG_KEYS:
         out[key] = agg(key)
-    for key in (
-        "lost",
-        "doubled",
-        "lost_updates",
-        "doubled_updates",
-        "actors_lost",
-        "actors_doubled",
-        "disconnected",
-        "errors",
-        "connection_errors",
-        "activation_failures",
-    ):
+    for key in SUM_KEYS:
         out[key] = sum(int(r.get(key) or 0) for r in runs)
     out["acked_total"] = sum(int(r.get("acked_total") or 0) for r in runs)
     return out
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0 or math.isinf(a) or math.isinf(b):
+        return None
+    return round(a / b, 3)
+
+
+def summarize(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
+    by_handoff = {m: summarize_mode([r for r in runs if r.get("handoff") == m]) for m in modes}
+    out: dict[str, Any] = {
+        "runs": len(runs),
+        "failed_runs": sum(s["failed_runs"] for s in by_handoff.values()),
+        "targets": TARGETS,
+        "handoff_modes": modes,
+        "by_handoff": by_handoff,
+    }
+    if "live" in by_handoff and "redis" in by_handoff:
+        live, red = by_handoff["live"], by_handoff["redis"]
+        out["live_vs_redis"] = {
+            "drain_s_p50": ratio(live["drain_s"]["p50"], red["drain_s"]["p50"]),
+            "pause_p99_ms_p50": ratio(live["pause_p99_ms"]["p50"], red["pause_p99_ms"]["p50"]),
+            "definition": "live median / redis median over this invocation's runs (below 1: live shorter)",
+        }
+    for key in SUM_KEYS:  # correctness over every run, whatever the mode
+        out[key] = sum(int(r.get(key) or 0) for r in runs)
+    out["acked_total"] = sum(int(r.get("acked_total") or 0) for r in runs)
+    return out
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def fmt_n(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}"
 
 
 def print_table(runs: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     say("")
     say("Drain of a node holding N active player actors while S live sessions on it increment xp")
     head = (
-        f"{'run':>3} {'actors':>7} {'sess':>5} {'drain()':>8} {'node':>7} {'1st h/o':>8} {'dirty=0':>8} "
-        f"{'actors=0':>8} {'pause p50':>9} {'p99':>7} {'max':>7} {'base p99':>8} {'lost/dbl/disc/err':>18}"
+        f"{'run':>3} {'mode':<5} {'actors':>7} {'sess':>5} {'drain()':>8} {'node':>7} {'migr':>6} "
+        f"{'mig end':>8} {'dirty=0':>8} {'actors=0':>8} {'pause p50':>9} {'p99':>7} {'max':>7} "
+        f"{'base p99':>8} {'lost/dbl/disc/err':>18}"
     )
     say(head)
     say("-" * len(head))
     for r in runs:
         if "error" in r:
-            say(f"{r['run']:>3} FAILED: {r['error']}")
+            say(f"{r['run']:>3} {r.get('handoff', '?'):<5} FAILED: {r['error']}")
             continue
         lost = (r.get("lost") or 0) + (r.get("actors_lost") or 0)
         dbl = (r.get("doubled") or 0) + (r.get("actors_doubled") or 0)
         counts = f"{lost}/{dbl}/{r.get('disconnected')}/{r.get('errors')}"
         say(
-            f"{r['run']:>3} {r.get('victim_actors_at_drain')!s:>7} {r.get('victim_sessions_before')!s:>5} "
+            f"{r['run']:>3} {r.get('handoff', '?'):<5} {r.get('victim_actors_at_drain')!s:>7} "
+            f"{r.get('victim_sessions_before')!s:>5} "
             f"{fmt(r.get('drain_s')):>8} {fmt(r.get('node_elapsed_s')):>7} "
-            f"{fmt(r.get('first_handoff_s')):>8} "
+            f"{fmt_n(r.get('migrated')):>6} {fmt(r.get('migration_s')):>8} "
             f"{fmt(r.get('dirty_zero_s')):>8} {fmt(r.get('actors_zero_s')):>8} "
             f"{fmt(r.get('pause_p50_ms'), 'ms'):>9} {fmt(r.get('pause_p99_ms'), 'ms'):>7} "
             f"{fmt(r.get('pause_max_ms'), 'ms'):>7} {fmt(r.get('baseline_gap_p99_ms'), 'ms'):>8} "
             f"{counts:>18}"
         )
-    s = summary
+    say(f"targets: drain < {TARGETS['drain_s']}s, pause p99 < {TARGETS['pause_p99_ms']:.0f}ms.")
+    for mode, s in summary["by_handoff"].items():
+        say(
+            f"  {mode:<5} ({s['runs'] - s['failed_runs']}/{s['runs']} runs ok): "
+            f"drain() p50/max {fmt(s['drain_s']['p50'])}/{fmt(s['drain_s']['max'])}, "
+            f"pause p99 p50/max {fmt(s['pause_p99_ms']['p50'], 'ms')}/{fmt(s['pause_p99_ms']['max'], 'ms')}, "
+            f"migrated p50 {fmt_n(s['migrated']['p50'])}, "
+            f"adopted after p50 {fmt_n(s['adopted_after']['p50'])}"
+        )
+    if "live_vs_redis" in summary:
+        lv = summary["live_vs_redis"]
+        say(
+            f"live vs redis: drain() {fmt_ratio(lv['drain_s_p50'])}, pause p99 "
+            f"{fmt_ratio(lv['pause_p99_ms_p50'])} (live median / redis median; below 1: live shorter)"
+        )
     say(
-        f"targets: drain < {TARGETS['drain_s']}s, pause p99 < {TARGETS['pause_p99_ms']:.0f}ms. "
-        f"drain() p50/max {fmt(s['drain_s']['p50'])}/{fmt(s['drain_s']['max'])}, "
-        f"pause p99 p50/max {fmt(s['pause_p99_ms']['p50'], 'ms')}/{fmt(s['pause_p99_ms']['max'], 'ms')}"
+        "mode: [node] handoff of the run's cluster; drain(): LocalCluster.drain from the admin call to "
+        "process exit;\nnode: the node's own 'drain finished' elapsed_s; migr: actors it migrated node "
+        "to node ('drain finished'); mig end:\ndrain start -> 'migrated actors' logged (live only); "
+        "dirty=0 / actors=0: first /status poll (50 ms) with\ndirty 0 / actors 0; pause: per live "
+        "session, longest gap between consecutive acks spanning the drain;\nbase p99: same gap measure "
+        "over an equally long window just before the drain (the closed loop's own jitter)."
     )
-    say(
-        "drain(): LocalCluster.drain from the admin call to process exit; node: the node's own "
-        "'drain finished' elapsed_s;\n1st h/o: drain start -> first hand-off round logged (flush_all + "
-        "leave started + passivation); dirty=0 / actors=0: first /status\npoll (50 ms) with dirty 0 / "
-        "actors 0; pause: per live session, longest gap between consecutive acks spanning the drain;\n"
-        "base p99: same gap measure over an equally long window just before the drain (the closed loop's "
-        "own jitter)."
-    )
-    say(f"note: {LIVE_MIGRATION_NOTE}.")
+    say(f"note: {HANDOFF_NOTE}.")
     say("")
     say("Anchors:")
     for name, figure in ANCHORS:
@@ -561,27 +699,51 @@ def meminfo_gb() -> float | None:
 
 async def main_async(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     runs = []
-    for i in range(1, args.runs + 1):
-        r = await drain_run(i, args)
+    modes: list[str] = args.handoff
+    total = args.runs * len(modes)
+    for i in range(1, total + 1):
+        mode = modes[(i - 1) % len(modes)]  # alternate: live, redis, live, ...
+        r = await drain_run(i, mode, args)
         runs.append(r)
         if "error" in r:
-            say(f"run {i}/{args.runs}: FAILED {r['error']}")
+            say(f"run {i}/{total} [{mode}]: FAILED {r['error']}")
         else:
             say(
-                f"run {i}/{args.runs}: {r.get('victim_actors_at_drain')} actors + "
+                f"run {i}/{total} [{mode}]: {r.get('victim_actors_at_drain')} actors + "
                 f"{r.get('victim_sessions_before')} sessions on {r['victim']}: drain() "
-                f"{fmt(r.get('drain_s'))} (node {fmt(r.get('node_elapsed_s'))}), "
+                f"{fmt(r.get('drain_s'))} (node {fmt(r.get('node_elapsed_s'))}), migrated "
+                f"{r.get('migrated')}, adopted {r.get('adopted_after')}, "
                 f"pause p50/p99/max {fmt(r.get('pause_p50_ms'), 'ms')}/{fmt(r.get('pause_p99_ms'), 'ms')}/"
                 f"{fmt(r.get('pause_max_ms'), 'ms')}; lost {r.get('lost')}+{r.get('actors_lost')} doubled "
                 f"{r.get('doubled')}+{r.get('actors_doubled')} disconnected {r.get('disconnected')} "
                 f"errors {r.get('errors')}, exited {r.get('process_exited')}"
             )
-    return runs, summarize(runs)
+    return runs, summarize(runs, modes)
+
+
+def handoff_list(text: str) -> list[str]:
+    """`--handoff`: a comma list of modes, each once, in the order given."""
+    modes: list[str] = []
+    for part in text.split(","):
+        mode = part.strip()
+        if mode not in HANDOFF_MODES:
+            raise argparse.ArgumentTypeError(f"{mode!r}: use a comma list of {', '.join(HANDOFF_MODES)}")
+        if mode not in modes:
+            modes.append(mode)
+    return modes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m loadtest.drain_bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=3, help="runs, each on a fresh cluster (default 3)")
+    ap.add_argument(
+        "--runs", type=int, default=3, help="runs per hand-off mode, each on a fresh cluster (default 3)"
+    )
+    ap.add_argument(
+        "--handoff",
+        type=handoff_list,
+        default=list(HANDOFF_MODES),
+        help="comma list of [node] handoff modes to alternate between (default live,redis)",
+    )
     ap.add_argument("--actors", type=int, default=10_000, help="player actors to activate on the victim")
     ap.add_argument("--sessions", type=int, default=200, help="live closed-loop sessions on the victim")
     ap.add_argument("--victim", default="n2", help="node to drain (default n2)")
@@ -594,10 +756,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     say(
-        f"drain bench: {args.runs} runs, {args.actors} actors + {args.sessions} live sessions on "
-        f"{args.victim}; nproc {os.cpu_count()}, memory {meminfo_gb()} GB"
+        f"drain bench: {args.runs} runs per mode x {','.join(args.handoff)}, {args.actors} actors + "
+        f"{args.sessions} live sessions on {args.victim}; nproc {os.cpu_count()}, memory {meminfo_gb()} GB"
     )
-    say(f"note: {LIVE_MIGRATION_NOTE}")
+    say(f"note: {HANDOFF_NOTE}")
+    if "RINGSIDE_NODE_HANDOFF" in os.environ:
+        say(
+            f"warning: RINGSIDE_NODE_HANDOFF={os.environ['RINGSIDE_NODE_HANDOFF']} is set and overrides "
+            "each run's [node] handoff in the nodes it starts; unset it to compare the modes"
+        )
     runs, summary = asyncio.run(main_async(args))
     print_table(runs, summary)
     out = {

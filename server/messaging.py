@@ -28,7 +28,7 @@ from server.errors import ActorMoved, BadRequest, Overloaded, RingsideError, Una
 from server.game import Event, GameLimits, GameState, NotInGame
 from server.link import Link
 from server.membership import Membership
-from server.migration import ADOPT_OP, Migrator
+from server.migration import ADOPT_OP, PULL_OP, Migrator
 from server.peers import PeerLost, Peers
 from server.persister import Persister
 from server.player import Request
@@ -193,10 +193,8 @@ class Messaging:
             if is_call:
                 link.send(Kind.ACTOR_REPLY, 0, frame.seq, 0, orjson.dumps(_err(BadRequest("bad message"))))
             return
-        if key == "node" and message.get("op") == ADOPT_OP:
-            adopted = self._migrator.adopt(message["args"].get("actors"), str(message.get("from", "")))
-            if is_call:
-                link.send(Kind.ACTOR_REPLY, 0, frame.seq, 0, orjson.dumps(_ok({"adopted": adopted})))
+        if key == "node":
+            self._on_node_message(link, frame.seq if is_call else None, message)
             return
         owner = self.owner(key)
         if owner != self.name:
@@ -216,6 +214,26 @@ class Messaging:
             self._spawn(self._answer(link, frame.seq, message))
         else:
             self._deliver(message, None)
+
+    def _on_node_message(self, link: Link, call_id: int | None, message: dict[str, Any]) -> None:
+        """Live migration between nodes: states handed over to us, or asked of us."""
+        op, sender, actors = message.get("op"), str(message.get("from", "")), message["args"].get("actors")
+
+        def answer(result: dict[str, Any]) -> None:
+            if call_id is not None:
+                link.send(Kind.ACTOR_REPLY, 0, call_id, 0, orjson.dumps(result))
+
+        if op == ADOPT_OP:
+            answer(_ok({"adopted": self._migrator.adopt(actors, sender)}))
+        elif op == PULL_OP and isinstance(actors, list) and sender:
+
+            async def give() -> None:
+                keys = [k for k in actors if isinstance(k, str)]
+                answer(_ok({"handed": await self._migrator.give(keys, sender)}))
+
+            self._spawn(give())
+        else:
+            answer(_err(UnknownOp(f"nodes take no {op!r}")))
 
     async def _forward(self, link: Link, call_id: int, owner: str, message: dict[str, Any]) -> None:
         try:

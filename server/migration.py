@@ -33,6 +33,8 @@ from server.writebehind import WriteBehind
 log = logging.getLogger("ringside.migration")
 
 ADOPT_OP = "actors.adopt"  # the node-addressed message carrying handed-over states
+PULL_OP = "actors.pull"  # a node that just joined asks a key's previous owner to hand it over
+WAVE = 256  # actors frozen at a time: the first waves (sessions' actors) pause the least
 
 
 class Migrator:
@@ -58,7 +60,9 @@ class Migrator:
         self.adopted_from: dict[str, str] = {}  # actor -> the node that handed it to us
         self.migrated_total = 0
         self.fenced_total = 0  # hand-overs refused: another node had taken the actor meanwhile
-        self._redis_failed = False
+        self.pulls_total = 0
+        self._pulls: dict[str, list[tuple[str, asyncio.Future[None]]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- the old owner's side -----------------------------------------------
     def redirect(self, key: str) -> str | None:
@@ -67,35 +71,50 @@ class Migrator:
         return entry[0] if entry is not None else None
 
     async def migrate(self, keys: list[str], owner_of: Callable[[str], str], deadline: float) -> int:
-        """Hand `keys` over to `owner_of(key)`, in order (put those with sessions first).
-        Actors busy in a turn are retried until `deadline`. Returns how many were handed."""
+        """Hand `keys` over to `owner_of(key)` in waves, in order (put those with sessions
+        first: only a wave at a time is frozen). Actors busy in a turn are retried until
+        `deadline`. Returns how many were handed."""
         handed = 0
-        remaining = keys
-        self._redis_failed = False
-        while remaining:
-            frozen = self._runtime.freeze(remaining)
-            batches: dict[str, list[Activation]] = {}
-            for act in frozen:
-                owner = owner_of(act.key)
-                if owner == self.name:
-                    self._runtime.thaw(act)
-                else:
-                    batches.setdefault(owner, []).append(act)
-            counts = await asyncio.gather(*(self._hand_over(o, acts) for o, acts in batches.items()))
-            handed += sum(counts)
-            actors = self._runtime.actors
-            remaining = [
-                k
-                for k in remaining
-                if k in actors and actors[k].state is ActorState.ACTIVE and owner_of(k) != self.name
-            ]
-            if not remaining or self._redis_failed or self._clock() >= deadline:
+        pending = keys
+        while pending:
+            busy: list[str] = []
+            for start in range(0, len(pending), WAVE):
+                wave = pending[start : start + WAVE]
+                batches: dict[str, list[Activation]] = {}
+                for act in self._runtime.freeze(wave):
+                    owner = owner_of(act.key)
+                    if owner == self.name:
+                        self._runtime.thaw(act)
+                    else:
+                        batches.setdefault(owner, []).append(act)
+                counts = await asyncio.gather(
+                    *(self._hand_over(o, acts) for o, acts in batches.items()), return_exceptions=True
+                )
+                handed += sum(c for c in counts if isinstance(c, int))
+                if any(isinstance(c, BaseException) for c in counts):
+                    return handed  # Redis away: the rest take the Redis way once it is back
+                actors = self._runtime.actors
+                busy += [
+                    k
+                    for k in wave
+                    if k in actors and actors[k].state is ActorState.ACTIVE and owner_of(k) != self.name
+                ]
+            pending = busy
+            if not pending or self._clock() >= deadline:
                 break
             await asyncio.sleep(0.005)  # busy actors: their turns end soon
         return handed
 
     async def _hand_over(self, owner: str, acts: list[Activation]) -> int:
         """Hand `acts` to `owner` in messages of at most migration_batch_bytes."""
+        try:
+            # Before the epochs move: a new owner we cannot reach yet (its address still
+            # unknown here, say) gets them on a later try, or they take the Redis way.
+            await self._peers.connect(owner, self._settings.migration_pull_timeout_s)
+        except (PeerLost, TimeoutError):
+            for act in acts:
+                self._runtime.thaw(act)
+            return 0
         handed = 0
         batch: list[tuple[Activation, bytes]] = []
         size = 0
@@ -122,8 +141,7 @@ class Migrator:
             log.warning("hand-over failed; actors stay", extra={"actors": len(batch), "error": str(exc)})
             for act, _ in batch:
                 self._runtime.thaw(act)
-            self._redis_failed = True  # the rest take the Redis way once it is back
-            return 0
+            raise
         entries: list[list[Any]] = []
         taken: list[Activation] = []
         for (act, blob), epoch in zip(batch, epochs, strict=True):
@@ -147,7 +165,48 @@ class Migrator:
         self.migrated_total += len(taken)
         return len(taken)
 
+    async def give(self, keys: list[str], to: str) -> int:
+        """A new owner asks for `keys` (it just joined): hand over those we hold. One that
+        is being handed over already is waited for, so the asker has it when we answer."""
+        deadline = self._clock() + self._settings.migration_timeout_s
+        actors = self._runtime.actors
+        while self._clock() < deadline and any(
+            k in actors and actors[k].state is ActorState.MIGRATING for k in keys
+        ):
+            await asyncio.sleep(0.005)
+        return await self.migrate([k for k in keys if k in actors], lambda key: to, deadline)
+
     # -- the new owner's side -------------------------------------------------
+    def pull(self, source: str, key: str) -> asyncio.Future[None]:
+        """Ask `source` to hand `key` over; done when it answered (or could not). Asks made
+        in one loop iteration share one message per source."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        batch = self._pulls.setdefault(source, [])
+        batch.append((key, future))
+        if len(batch) == 1:
+            loop.call_soon(self._send_pulls, source)
+        return future
+
+    def _send_pulls(self, source: str) -> None:
+        batch = self._pulls.pop(source, [])
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._run_pull(source, batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run_pull(self, source: str, batch: list[tuple[str, asyncio.Future[None]]]) -> None:
+        message = {"to": "node", "op": PULL_OP, "from": self.name, "args": {"actors": [k for k, _ in batch]}}
+        try:
+            await self._peers.call(source, message, self._settings.migration_pull_timeout_s)
+            self.pulls_total += len(batch)
+        except (PeerLost, TimeoutError):
+            pass  # they load from Redis
+        finally:
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)
+
     def adopt(self, entries: Any, sender: str) -> int:
         """Activate the states `sender` handed over; returns how many were taken. One that
         is active here already (loaded from Redis first) keeps its newer epoch."""

@@ -165,6 +165,8 @@ class Node:
             load=self._load_actor,
             on_activated=lambda act: self.messaging.on_activated(act),
             on_deactivated=self._on_deactivated,
+            handover_source=self._handover_source,
+            pull=lambda source, key: self.migrator.pull(source, key),
         )
         self.persister = Persister(
             self.store, self.wb, self.runtime, clock=time.monotonic, on_durable=self._report_durable
@@ -215,6 +217,8 @@ class Node:
         self.started_at = time.time()
         self.self_faulty_drops = 0
         self.draining_since: float | None = None
+        self._pull_until = time.monotonic() + settings.migration_pull_s
+        self._others_ring: HashRing | None = None  # the ring without us, while we may pull
         self.handoffs_total = 0
         self.link_auth_failures = 0  # links cut for a wrong proof or a frame that did not open
         self._tasks: set[asyncio.Task[None]] = set()
@@ -441,7 +445,18 @@ class Node:
         log.warning("dropped all activations", extra={"actors": dropped})
 
     # -- ring changes, drain ------------------------------------------------
+    def _handover_source(self, key: str) -> str | None:
+        """Just started: the node that owned `key` before we joined may hold it live."""
+        if self._others_ring is None or time.monotonic() > self._pull_until or self.draining_since:
+            return None
+        if self.membership.ring.owner(key) != self.name:
+            return None
+        return self._others_ring.owner(key)
+
     def _on_ring_change(self, ring: HashRing) -> None:
+        others = [m for m in ring.members if m != self.name]
+        live = self.config.node.handoff == "live" and others and self.name in ring.members
+        self._others_ring = HashRing(others) if live else None
         draining = self.draining_since is not None
         self.migrator.on_ring_change(ring.members, None if draining or not ring.members else ring.owner)
         if ring.members and not draining:

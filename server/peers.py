@@ -97,6 +97,10 @@ class Peers:
         self._links[node] = link
         return link
 
+    async def connect(self, node: str, timeout: float) -> None:
+        """Make sure a link to `node` is up. Raises PeerLost or TimeoutError."""
+        await asyncio.wait_for(self._link(node), timeout)
+
     async def call(self, node: str, message: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Send `message` to `node` and wait for its reply. Raises PeerLost or TimeoutError."""
         if len(self._calls) >= self._max_calls:

@@ -113,6 +113,8 @@ class ActorRuntime:
         load: Callable[[str, bytes | None], ActorData],
         on_activated: Callable[[Activation], None],
         on_deactivated: Callable[[Activation, bool, str | None], None],
+        handover_source: Callable[[str], str | None] = lambda key: None,
+        pull: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
         self._wb = write_behind
@@ -121,6 +123,11 @@ class ActorRuntime:
         self._load = load  # actor key and stored blob -> state object
         self._on_activated = on_activated
         self._on_deactivated = on_deactivated  # (activation, stale, node it migrated to)
+        # Live migration, pull side: the node that may hold `key` live (we just joined),
+        # and how to ask it to hand the actor over before we load it from Redis.
+        self._handover_source = handover_source
+        self._pull = pull
+        self._pulling: set[str] = set()
         self.actors: OrderedDict[str, Activation] = OrderedDict()  # least recently used first
         self._tasks: set[asyncio.Task[None]] = set()
         self.activations_total = 0
@@ -231,6 +238,17 @@ class ActorRuntime:
         raise Overloaded(f"{len(self.actors)} actors active and none can passivate yet")
 
     async def _activate(self, act: Activation) -> None:
+        source = self._handover_source(act.key) if self._pull is not None else None
+        if source is not None and self._pull is not None:
+            self._pulling.add(act.key)
+            try:
+                await asyncio.wait_for(self._pull(source, act.key), self._settings.migration_pull_timeout_s)
+            except Exception:  # noqa: BLE001 - whatever went wrong, Redis has the state
+                pass
+            finally:
+                self._pulling.discard(act.key)
+            if act.state is not ActorState.ACTIVATING:
+                return  # adopted while we asked
         try:
             epoch, blob = await asyncio.wait_for(
                 self._store.activate(act.key), self._settings.activation_timeout_s
@@ -300,17 +318,26 @@ class ActorRuntime:
     def adopt(self, key: str, epoch: int, blob: bytes) -> bool:
         """Activate `key` with a state its old owner handed over under `epoch` (taken for us,
         current by construction). False if it is here already or there is no room."""
-        if key in self.actors or len(self.actors) >= self._settings.max_activations:
-            return False
-        act = Activation(key, self._clock())
+        act = self.actors.get(key)
+        if act is not None:
+            if key not in self._pulling or act.state is not ActorState.ACTIVATING:
+                return False
+            data = self._load(key, blob)  # we asked for it: it completes the activation
+        else:
+            if len(self.actors) >= self._settings.max_activations:
+                return False
+            data = self._load(key, blob)
+            act = Activation(key, self._clock())
+            self.actors[key] = act
+            self._adopted_unattached.add(key)
         act.epoch = epoch
-        act.data = self._load(key, blob)
-        act.flushed_seq = getattr(act.data, "applied_seq", 0)
+        act.data = data
+        act.flushed_seq = getattr(data, "applied_seq", 0)
         act.transition(ActorState.ACTIVE)
-        self.actors[key] = act
-        self._adopted_unattached.add(key)
+        self.actors.move_to_end(key)
         self.adopted_total += 1
         self._on_activated(act)
+        self._drain(act)
         return True
 
     def drop_stale(self, key: str) -> None:

@@ -55,7 +55,8 @@ def test_drain_add_node_and_rolling_restart_under_load(make_cluster, handoff):
         await load.wait_for_acks(1000, timeout=30)
         assert cluster.node_status("n4")["sessions"] > 0, "sessions moved to the new node"
         adopted = cluster.node_status("n4")["adopted"]
-        assert adopted > 20 if handoff == "live" else adopted == 0
+        # Live: the ~50 actors n4 took over came node to node, pushed or pulled.
+        assert adopted > 40 if handoff == "live" else adopted == 0
 
         deploy_started = time.monotonic()
         await asyncio.to_thread(local.deploy)
