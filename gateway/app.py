@@ -409,8 +409,11 @@ class Gateway:
             return
         link.send(Kind.DETACH, core.id)
         core.moving(time.monotonic())
-        target = frame.payload.decode(errors="replace")
-        self._reattach(cs, target if target in self.links else None)
+        target = self.links.get(frame.payload.decode(errors="replace"))
+        if target is not None and target.is_open:
+            self._reattach(cs, target.name)
+        # Else a node we have no link to yet (it just joined): the move watchdog re-attaches
+        # by our ring in a moment, rather than bouncing off the old node at once.
 
     def _on_attach_error(self, cs: ClientSession, frame: Frame) -> None:
         if not cs.attached.done():

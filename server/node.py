@@ -527,19 +527,22 @@ class Node:
         log.info("drain started", extra={"actors": len(self.runtime), "sessions": len(self.sessions)})
         # 1. Everything in Redis while we still own it, so new owners load fresh state.
         await self.persister.flush_all(deadline=min(deadline, started + 10))
-        # 1b. Live migration: each actor's state and a fresh epoch go to its owner in the
-        #     ring without us; sessions follow (MOVED) before we even leave the ring.
-        migrated = 0
+        # 2. Live migration, actors with sessions first: their state and a fresh epoch go
+        #    to their owners in the ring without us; the sessions follow (MOVED) before we
+        #    even leave. Then leave the ring (peers, the gateway first of all, route to the
+        #    new owners; we redirect what still comes) while the idle actors follow.
         others = [n for n in self.membership.live_nodes() if n != self.name]
-        if settings.handoff == "live" and others:
-            target = HashRing(others)
-            migration_deadline = min(deadline, time.monotonic() + settings.migration_timeout_s)
-            while self.runtime.actors and time.monotonic() < migration_deadline:
-                keys = self._by_sessions_first(list(self.runtime.actors))
-                count = await self.migrator.migrate(keys, target.owner, migration_deadline)
-                migrated += count
-                if not count:
-                    break  # Redis away or all busy past the deadline: the Redis way below
+        live = settings.handoff == "live" and bool(others)
+        target = HashRing(others) if live else None
+        migration_deadline = min(deadline, time.monotonic() + settings.migration_timeout_s)
+        migrated = 0
+        if target is not None:
+            hot = [key for key in self.runtime.actors if key in self.sessions_by_actor]
+            migrated += await self.migrator.migrate(hot, target.owner, migration_deadline)
+        leaving = asyncio.get_running_loop().create_task(self.membership.leave(settings.leave_timeout_s))
+        if target is not None:
+            idle = list(self.runtime.actors)
+            migrated += await self.migrator.migrate(idle, target.owner, migration_deadline)
             log.info(
                 "migrated actors",
                 extra={
@@ -548,9 +551,6 @@ class Node:
                     "elapsed_s": round(time.monotonic() - started, 3),
                 },
             )
-        # 2. Leave the ring: peers (the gateway first of all) re-pin our sessions and
-        #    route our actors' messages to their new owners; we forward what still comes.
-        leaving = asyncio.get_running_loop().create_task(self.membership.leave(settings.leave_timeout_s))
         # 3. What did not migrate (handoff "redis", or busy past the deadline) goes the Redis
         #    way: the gateway re-pins its sessions and we write at once what they changed
         #    meanwhile; its new owner loads it on first use.
