@@ -118,6 +118,8 @@ class NodeMetrics:
             yield link_bytes
             counters = {
                 "ringside_node_handoffs": ("Actors handed off (ring change, drain)", node.handoffs_total),
+                "ringside_node_migrated": ("Actors migrated to another node", node.migrator.migrated_total),
+                "ringside_node_adopted": ("Actors adopted from another node", node.runtime.adopted_total),
                 "ringside_node_flushes": ("Pipelined flushes", node.persister.flushes_total),
                 "ringside_node_forwarded": ("Messages forwarded to owners", node.messaging.forwarded_total),
                 "ringside_node_gap_fills": ("Push gaps filled", node.messaging.gaps_filled_total),
