@@ -151,18 +151,26 @@ class Migrator:
                 continue
             entries.append([act.key, epoch, blob.decode()])
             taken.append(act)
+        reply = None
         if entries:
             message = {"to": "node", "op": ADOPT_OP, "from": self.name, "args": {"actors": entries}}
-            try:
-                await self._peers.call(owner, message, self._settings.call_timeout_s)
-            except (PeerLost, TimeoutError) as exc:
-                # The states are in Redis under the new epochs: the owner loads them instead.
-                log.warning("adopt call failed", extra={"node": owner, "error": str(exc)})
+            reply = self._peers.begin_call(owner, message)
+        # Sessions and waiting messages go to the new owner now, without waiting for its
+        # answer: the states left first, and one that is overtaken (an attach that arrives
+        # before it) loads from Redis, where the hand-over wrote it under the new epoch.
         now = self._clock()
         for act in taken:
             self.moved[act.key] = (owner, now)
             self._runtime.migrated(act, owner)
         self.migrated_total += len(taken)
+        try:
+            if entries and reply is None:
+                raise PeerLost(f"no open link to {owner}")
+            if reply is not None:
+                await asyncio.wait_for(reply, self._settings.call_timeout_s)
+        except (PeerLost, TimeoutError) as exc:
+            # The states are in Redis under the new epochs: the owner loads them instead.
+            log.warning("adopt call failed", extra={"node": owner, "error": str(exc)})
         return len(taken)
 
     async def give(self, keys: list[str], to: str) -> int:

@@ -117,6 +117,21 @@ class Peers:
         finally:
             self._calls.pop(call_id, None)
 
+    def begin_call(self, node: str, message: dict[str, Any]) -> asyncio.Future[dict[str, Any]] | None:
+        """Send a call at once over an open link (None if there is none); await the
+        returned future, bounded, for the reply. Frames sent after it leave after it."""
+        link = self._links.get(node)
+        if link is None or not link.is_open or len(self._calls) >= self._max_calls:
+            return None
+        call_id = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        if not link.send(Kind.ACTOR_CALL, 0, call_id, 0, orjson.dumps(message)):
+            return None
+        self._calls[call_id] = (link, future)
+        self.calls_total += 1
+        future.add_done_callback(lambda _f: self._calls.pop(call_id, None))
+        return future
+
     async def send(self, node: str, message: dict[str, Any]) -> bool:
         """One-way, best effort: False when the peer could not be reached."""
         try:
