@@ -1,12 +1,17 @@
 """Benchmark harness (`make bench`): one command, one run, every figure against a same-run baseline.
 
     .venv/bin/python -m loadtest.bench [--quick] [--profile] [--idle-sessions N] [--json-out PATH]
+                                       [--gen-procs N]
 
 It starts a scratch cluster on free 127.0.0.1 ports (embedded Redis, 3 nodes, gateway; torn
 down at the end) and, as the baseline, a bare `websockets` echo server under uvloop
 (compression off). The load generator runs in its own process (`python -m loadtest.bench
 gen`, asyncio + uvloop, the same `websockets` client and the same request bytes for both
-servers) and is driven over its stdin/stdout, one JSON line per command.
+servers) and is driven over its stdin/stdout, one JSON line per command. The fixed-rate
+latency phase (4) and the concurrency phase (8) use --gen-procs such processes (default: the
+core count), started together, with the sessions and the rate split between them; each sends
+back its raw latency samples and late sends, merged here before the percentiles. The echo
+baseline's latency phase uses the same number. The other phases use one generator.
 
 Figures (issue 6):
  1-3. closed-loop throughput, and server CPU per request at a fixed rate (CPU seconds of
@@ -254,6 +259,8 @@ class Generator:
 
     async def cmd_rate(self, c: dict[str, Any]) -> dict[str, Any]:
         conns = self.conns[: c.get("conns", len(self.conns))]
+        if not conns:
+            raise RuntimeError("rate: no open sessions in this generator")
         rate, seconds = c["rate"], c["seconds"]
         per_conn = rate / len(conns)
         interval = 1.0 / per_conn
@@ -261,7 +268,12 @@ class Generator:
         self.lat, self.errors, self.answered_all = [], 0, 0
         sent = 0
         behind = 0
-        t_start = time.perf_counter() + 0.05
+        if c.get("start_at") is not None:
+            # A start time shared by several generator processes (time.monotonic() of the
+            # driver; the same clock in every process), so that they start together.
+            t_start = time.perf_counter() + (c["start_at"] - time.monotonic())
+        else:
+            t_start = time.perf_counter() + 0.05
         self.measure_from = t_start + warmup
         t_end = self.measure_from + seconds
         gc.disable()
@@ -291,7 +303,7 @@ class Generator:
         lost = sum(len(x.waiting) for x in conns)
         for x in conns:
             x.waiting.clear()
-        return {
+        out = {
             "requested_rps": rate,
             "sessions": len(conns),
             "sent": sent,
@@ -304,6 +316,9 @@ class Generator:
             "errors": self.errors + sum(isinstance(r, Exception) for r in results),
             "lat": lat_summary(lat),
         }
+        if c.get("raw"):
+            out["samples"] = lat  # seconds; the driver merges the processes' samples
+        return out
 
     async def cmd_games(self, c: dict[str, Any]) -> dict[str, Any]:
         size = c["size"]
@@ -381,18 +396,30 @@ class GenProcess:
             text=True,
             cwd=Path(__file__).resolve().parents[1],
         )
+        self.open = 0  # sessions this process holds open (from its last open / close answer)
 
-    def __call__(self, cmd: str, **kw: Any) -> dict[str, Any]:
-        assert self.proc.stdin and self.proc.stdout
+    def send(self, cmd: str, **kw: Any) -> None:
+        assert self.proc.stdin
         self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
         self.proc.stdin.flush()
+
+    def recv(self, cmd: str) -> dict[str, Any]:
+        assert self.proc.stdout
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"load generator exited during {cmd}")
         out = json.loads(line)
         if not out.get("ok"):
             raise RuntimeError(f"load generator {cmd}: {out.get('error')}")
+        if "total_open" in out:
+            self.open = out["total_open"]
+        elif cmd == "close":
+            self.open = 0
         return out
+
+    def __call__(self, cmd: str, **kw: Any) -> dict[str, Any]:
+        self.send(cmd, **kw)
+        return self.recv(cmd)
 
     def stop(self) -> None:
         try:
@@ -400,6 +427,133 @@ class GenProcess:
             self.proc.wait(5)
         except Exception:  # noqa: BLE001
             self.proc.kill()
+            with contextlib.suppress(Exception):
+                self.proc.wait(5)
+
+
+def spread(have: Sequence[int], n: int) -> list[int]:
+    """How many of n new sessions each generator opens so that the counts end up as even as
+    they can (a generator already holding more than its share gets none)."""
+    counts = list(have)
+    add = [0] * len(counts)
+    for _ in range(n):
+        i = min(range(len(counts)), key=counts.__getitem__)
+        counts[i] += 1
+        add[i] += 1
+    return add
+
+
+class GenPool:
+    """N load generator processes, started together. The phases that stay on one generator
+    (memory, closed loop, CPU per request, cold activation) use `pool[0]`; the fixed-rate
+    latency phase and the concurrency phase spread their sessions over all N and their
+    rate in proportion (the same rate per session everywhere), start at one shared instant,
+    and merge the processes' raw latency samples before the percentiles."""
+
+    def __init__(self, n: int) -> None:
+        self.gens: list[GenProcess] = []
+        try:
+            for _ in range(n):
+                self.gens.append(GenProcess())
+        except Exception:
+            self.stop()
+            raise
+
+    def __len__(self) -> int:
+        return len(self.gens)
+
+    def __getitem__(self, i: int) -> GenProcess:
+        return self.gens[i]
+
+    def each(self, cmd: str, per_gen: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        """Send cmd to the given generators at once, then collect every answer."""
+        for i, kw in per_gen.items():
+            self.gens[i].send(cmd, **kw)
+        out: dict[int, dict[str, Any]] = {}
+        error: Exception | None = None
+        for i in per_gen:
+            try:
+                out[i] = self.gens[i].recv(cmd)
+            except Exception as exc:  # noqa: BLE001 - read the other answers first
+                error = error or exc
+        if error is not None:
+            raise error
+        return out
+
+    def open(self, players: list[str], concurrency: int = 50, **kw: Any) -> dict[str, Any]:
+        """Open sessions for players, spread so the generators hold as even counts as they can;
+        the open concurrency is split too (the same total in flight as with one generator)."""
+        add = spread([g.open for g in self.gens], len(players))
+        per_gen: dict[int, dict[str, Any]] = {}
+        at = 0
+        for i, k in enumerate(add):
+            if k:
+                per_gen[i] = {
+                    "players": players[at : at + k],
+                    "concurrency": max(1, -(-concurrency // len(self.gens))),
+                    **kw,
+                }
+                at += k
+        res = self.each("open", per_gen)
+        errors = [r["first_error"] for r in res.values() if r.get("first_error")]
+        return {
+            "opened": sum(r["opened"] for r in res.values()),
+            "failed": sum(r["failed"] for r in res.values()),
+            "first_error": errors[0] if errors else None,
+            "total_open": sum(g.open for g in self.gens),
+        }
+
+    def rate(self, rate: float, seconds: float, **kw: Any) -> dict[str, Any]:
+        """A fixed total rate over every open session of every generator."""
+        counts = {i: g.open for i, g in enumerate(self.gens) if g.open}
+        total = sum(counts.values())
+        if not total:
+            raise RuntimeError("rate: no open sessions")
+        start_at = time.monotonic() + 0.25  # time for every process to read its command
+        res = self.each(
+            "rate",
+            {
+                i: {"rate": rate * k / total, "seconds": seconds, "start_at": start_at, "raw": True, **kw}
+                for i, k in counts.items()
+            },
+        )
+        samples: list[float] = []
+        for r in res.values():
+            samples += r.pop("samples")
+        rs = list(res.values())
+        return {
+            "ok": True,
+            "requested_rps": rate,
+            "sessions": sum(r["sessions"] for r in rs),
+            "sent": sum(r["sent"] for r in rs),
+            "answered": len(samples),
+            "answered_all": sum(r["answered_all"] for r in rs),
+            "unanswered": sum(r["unanswered"] for r in rs),
+            "achieved_rps": len(samples) / seconds,
+            "seconds": max(r["seconds"] for r in rs),
+            "late_sends": sum(r["late_sends"] for r in rs),
+            "errors": sum(r["errors"] for r in rs),
+            "lat": lat_summary(samples),
+            "gen_procs": len(self.gens),
+            "per_gen": [
+                {
+                    "sessions": r["sessions"],
+                    "requested_rps": r["requested_rps"],
+                    "answered": r["answered"],
+                    "late_sends": r["late_sends"],
+                    "p99_ms": r["lat"]["p99_ms"],
+                }
+                for r in rs
+            ],
+        }
+
+    def close(self) -> dict[str, Any]:
+        res = self.each("close", {i: {} for i in range(len(self.gens))})
+        return {"closed": sum(r["closed"] for r in res.values())}
+
+    def stop(self) -> None:
+        for g in self.gens:
+            g.stop()
 
 
 def players(prefix: str, n: int) -> list[str]:
@@ -588,6 +742,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mem_total_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "load_avg_at_start": os.getloadavg(),
         "quick": quick,
+        "gen_procs": args.gen_procs,
     }
     workdir = Path(tempfile.mkdtemp(prefix="ringside-bench-"))
     config_path = write_config(workdir, extra="[gateway]\nmax_sessions = 30000\n")
@@ -602,14 +757,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         text=True,
         cwd=Path(__file__).resolve().parents[1],
     )
-    gen: GenProcess | None = None
+    pool: GenPool | None = None
     try:
         assert echo.stdout is not None
         if echo.stdout.readline().strip() != ECHO_READY:
             raise RuntimeError("echo server did not start")
         log("starting the scratch cluster")
         cluster.up()
-        gen = GenProcess()
+        pool = GenPool(args.gen_procs)
+        gen = pool[0]  # the phases that stay on one generator
         pids = {name: cluster.pid(name) for name in ["gateway", *config.node_names, "redis"]}
         server_names = ["gateway", *config.node_names]
         rds = redis.Redis.from_url(config.redis.effective_url)
@@ -667,9 +823,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         c0 = cpu_seconds(echo.pid)
         e_fixed = gen("rate", rate=fixed_rate, seconds=phase_s)
         e_cpu = cpu_seconds(echo.pid) - c0
-        gen("open", url=echo_url, players=players("e2-", lat_sessions - fixed_sessions))
-        e_lat = gen("rate", rate=lat_rate, seconds=phase_s)
-        gen("close")
+        log(f"echo baseline: {lat_sessions} connections over {len(pool)} generator processes")
+        pool.open(url=echo_url, players=players("e2-", lat_sessions - fixed_sessions))
+        e_lat = pool.rate(rate=lat_rate, seconds=phase_s)
+        pool.close()
         out["echo"] = {
             "closed": e_closed,
             "fixed": e_fixed,
@@ -722,15 +879,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             except subprocess.TimeoutExpired:
                 proc.kill()
             out.setdefault("profile", {})[name] = profile_top(workdir / f"profile-{name}.txt")
-        gen(
-            "open",
+        log(f"ringside: {lat_sessions} sessions over {len(pool)} generator processes")
+        pool.open(
             url=url,
             secret=secret,
             players=players("hot2-", lat_sessions - fixed_sessions),
             update=True,
         )
-        out["ringside"]["latency"] = gen("rate", rate=lat_rate, seconds=phase_s)
-        gen("close")
+        out["ringside"]["latency"] = pool.rate(rate=lat_rate, seconds=phase_s)
+        pool.close()
 
         # -- 7: cold activation vs warm ---------------------------------------
         log(f"cold activation: {cold_n} players not in memory")
@@ -759,9 +916,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             budget = time.monotonic() + args.concurrency_budget_s
             while n_open < args.max_concurrency and time.monotonic() < budget:
                 target = min(args.max_concurrency, max(step, n_open * 2))
-                log(f"concurrency: {target} sessions at 1 update/s")
-                r = gen(
-                    "open",
+                log(f"concurrency: {target} sessions at 1 update/s ({len(pool)} generator processes)")
+                r = pool.open(
                     url=url,
                     secret=secret,
                     players=players(f"cc{n_open}-", target - n_open),
@@ -772,7 +928,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if r["failed"]:
                     steps.append({"sessions": n_open, "open_failed": r["failed"], "error": r["first_error"]})
                     break
-                res = gen("rate", rate=float(n_open), seconds=phase_s)
+                res = pool.rate(rate=float(n_open), seconds=phase_s)
                 steps.append(
                     {
                         "sessions": n_open,
@@ -784,13 +940,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if res["lat"]["p99_ms"] >= 50 or res["unanswered"]:
                     break
                 held = n_open
-            gen("close")
+            pool.close()
             out["concurrency"] = {"steps": steps, "held_p99_under_50ms": held}
         out["elapsed_s"] = round(time.monotonic() - started, 1)
         return out
     finally:
-        if gen is not None:
-            gen.stop()
+        if pool is not None:
+            pool.stop()
         echo.send_signal(signal.SIGTERM)
         try:
             echo.wait(5)
@@ -958,7 +1114,7 @@ def table(r: dict[str, Any]) -> str:
                 ">= 50,000",
             )
         )
-    head = ("figure", "ringside", "baseline", "ratio", "target")
+    head = (f"figure (gen_procs={r.get('gen_procs', 1)})", "ringside", "baseline", "ratio", "target")
     widths = [max(len(row[i]) for row in [*rows, head]) for i in range(5)]
     lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     lines.append("-|-".join("-" * w for w in widths))
@@ -987,10 +1143,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--concurrency-budget-s", type=float, default=60.0)
     p.add_argument("--json-out", default="", help="also write the JSON figures to this file")
+    p.add_argument(
+        "--gen-procs",
+        type=int,
+        default=max(1, os.cpu_count() or 1),
+        help="load generator processes for the fixed-rate latency and concurrency phases, echo "
+        "included (default: the core count)",
+    )
     args = p.parse_args(argv)
+    if args.gen_procs < 1:
+        p.error("--gen-procs must be at least 1")
     log(
         f"Ringside benchmark: {os.cpu_count()} cores shared by the cluster (Redis, 3 nodes, gateway), "
-        "the echo server and the load generator; figures are for this machine as a whole."
+        f"the echo server and the load generator ({args.gen_procs} processes); figures are for this "
+        "machine as a whole."
     )
     result = run(args)
     print(
@@ -998,7 +1164,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{', '.join(f'{x:.2f}' for x in result['load_avg_at_start'])}; {result['date']}; "
         f"{result['elapsed_s']} s"
     )
-    print("cores are shared by the cluster (5 processes), the echo baseline and the load generator")
+    print(
+        "cores are shared by the cluster (5 processes), the echo baseline and the load generator "
+        f"({result['gen_procs']} processes in the fixed-rate latency and concurrency phases, "
+        "1 in the others)"
+    )
     print(table(result))
     for name, prof in result.get("profile", {}).items():
         for kind in ("self", "inclusive"):
