@@ -75,6 +75,7 @@ class NodeSettings:
     migration_timeout_s: float = 3.0  # past it, actors still busy take the Redis way
     migration_batch_bytes: int = 256 << 10  # state bytes per hand-over message (< max_link_frame)
     migration_redirect_s: float = 30.0  # how long a node sends messages for moved actors on
+    migration_recent_epochs: int = 4096  # deactivations remembered to refuse stale hand-overs
     # For this long after it starts (a scale-up, a restart), a node asks an actor's previous
     # owner to hand it over before loading it from Redis: the gateway may re-pin a session
     # before the previous owner has seen the new ring and pushed the actor. Off (0) by

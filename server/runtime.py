@@ -136,6 +136,9 @@ class ActorRuntime:
         self.adopted_total = 0
         self.migrated_total = 0
         self._adopted_unattached: set[str] = set()  # adopted here, no session attached yet
+        # Epochs of recent deactivations here: a hand-over that arrives after we loaded the
+        # actor ourselves (a newer epoch) and let it go again must not bring back its state.
+        self._recent_epochs: OrderedDict[str, int] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -326,6 +329,8 @@ class ActorRuntime:
         else:
             if len(self.actors) >= self._settings.max_activations:
                 return False
+            if self._recent_epochs.get(key, 0) >= epoch:
+                return False  # a stale hand-over: we held a newer epoch since
             data = self._load(key, blob)
             act = Activation(key, self._clock())
             self.actors[key] = act
@@ -352,6 +357,12 @@ class ActorRuntime:
         if self.actors.get(act.key) is act:
             del self.actors[act.key]
             self._adopted_unattached.discard(act.key)
+        if act.epoch:
+            recent = self._recent_epochs
+            recent[act.key] = act.epoch
+            recent.move_to_end(act.key)
+            if len(recent) > self._settings.migration_recent_epochs:
+                recent.popitem(last=False)
         if stale:
             self._wb.discard(act.key)
         act.transition(ActorState.DEACTIVATED)

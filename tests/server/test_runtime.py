@@ -136,3 +136,15 @@ def test_migrator_adopt_skips_malformed_entries(entries):
         assert not migrator.is_adopted("player:a"), "its sender left the ring"
 
     asyncio.run(main())
+
+
+def test_a_hand_over_older_than_an_epoch_held_here_since_is_refused():
+    async def main():
+        deactivated: list[tuple[str, bool, str | None]] = []
+        runtime, _ = make_runtime(deactivated)
+        runtime.adopt("player:a", 5, blob(9, 9))  # we held epoch 5 (loaded ourselves, say)
+        assert runtime.passivate("player:a")
+        assert not runtime.adopt("player:a", 4, blob(1, 1)), "a hand-over taken at epoch 4 is stale"
+        assert runtime.adopt("player:a", 6, blob(10, 10)), "a newer one is taken"
+
+    asyncio.run(main())
