@@ -14,6 +14,7 @@ import random
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -53,11 +54,16 @@ class HelloRefused(Exception):
 
 
 class ClientSession:
-    """The asyncio side of one session: its socket, outbound queue and waiters."""
+    """The asyncio side of one session: its socket and waiters.
+
+    Idle sessions are most of a gateway's memory, so what only backpressure needs (the
+    outbound queue, its writer task, the reader's wait for replay space) is made when
+    backpressure happens and dropped when it is over."""
 
     __slots__ = (
         "core",
         "ws",
+        "max_outbound",
         "outbound",
         "writer",
         "attached",
@@ -68,7 +74,7 @@ class ClientSession:
         "fill_sent_at",
         "probe_seq",
         "probe_at",
-        "busy",
+        "welcomed",
         "detached_at",
         "fill_retries",
     )
@@ -82,14 +88,14 @@ class ClientSession:
     ) -> None:
         self.core = core
         self.ws = ws
-        self.outbound: asyncio.Queue[bytes] = asyncio.Queue(max_outbound)
-        self.writer: asyncio.Task[None] | None = None
+        self.max_outbound = max_outbound
+        self.outbound: deque[bytes] | None = None  # frames waiting for the socket
+        self.writer: asyncio.Task[None] | None = None  # drains `outbound`, then ends
         self.attached: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.space = asyncio.Event()
-        self.space.set()
+        self.space: asyncio.Future[None] | None = None  # the reader waits for replay space
         self.close_code: CloseCode | None = None
         self._on_close = on_close
-        self.busy = True  # frames wait in `outbound` (or no welcome yet): new ones queue behind
+        self.welcomed = False  # frames before the welcome wait in `outbound`
         # Set when the client's socket is gone (or taken over) while requests it was told
         # "ok" for are not durable yet: the session stays until they are (see _close_session).
         self.detached_at: float | None = None
@@ -102,21 +108,52 @@ class ClientSession:
         self.probe_at = 0.0
 
     def push(self, payload: bytes) -> None:
-        if self.detached_at is not None:
-            return
         ws = self.ws
-        if not self.busy and not ws.paused and ws.protocol.state is State.OPEN:
+        if self.detached_at is not None or ws.protocol.state is not State.OPEN:
+            return  # the client will not read it; the reply stays in the replay buffer
+        if self.outbound is None and self.welcomed and not ws.paused:
             # Fast path: nothing queued and the socket takes data: frame it and write it
-            # now, in this callback, instead of waking the writer task for each reply.
+            # now, in this callback, instead of waking a writer task for each reply.
             ws.protocol.send_text(payload)
             ws.send_data()
             return
-        try:
-            self.outbound.put_nowait(payload)
-        except asyncio.QueueFull:
+        if self.outbound is None:
+            self.outbound = deque()
+        if len(self.outbound) >= self.max_outbound:
             self.close(CloseCode.TOO_SLOW, "outbound queue full: client is not reading")
             return
-        self.busy = True
+        self.outbound.append(payload)
+        self.start_writer()
+
+    def start_writer(self) -> None:
+        if self.writer is None and self.welcomed and self.outbound and self.close_code is None:
+            self.writer = asyncio.get_running_loop().create_task(self._write_queued())
+
+    async def _write_queued(self) -> None:
+        """Drains the frames that queued while the socket was paused (or before welcome)."""
+        queue = self.outbound
+        try:
+            while queue:
+                await self.ws.send(queue[0], text=True)  # waits while the socket is paused
+                queue.popleft()
+        except ConnectionClosed:
+            pass
+        finally:
+            if self.outbound is queue and not queue:
+                self.outbound = None
+            self.writer = None
+
+    async def wait_for_space(self) -> None:
+        """Backpressure: the replay buffer is full; stop reading this client until it is not."""
+        self.space = asyncio.get_running_loop().create_future()
+        try:
+            await self.space
+        finally:
+            self.space = None
+
+    def wake_reader(self) -> None:
+        if self.space is not None and not self.space.done():
+            self.space.set_result(None)
 
     def close(self, code: CloseCode, reason: str) -> None:
         """Close with `code`. The close frame queues behind what the client has not read."""
@@ -126,19 +163,6 @@ class ClientSession:
             if self.writer is not None:
                 self.writer.cancel()
             asyncio.get_running_loop().create_task(self.ws.close(code, reason))
-
-    async def write_loop(self) -> None:
-        """Drains the queue that builds up while the client's socket is paused."""
-        ws = self.ws
-        queue = self.outbound
-        try:
-            while True:
-                payload = await queue.get()
-                await ws.send(payload, text=True)  # waits while the socket is paused
-                if queue.empty():
-                    self.busy = False
-        except ConnectionClosed:
-            pass
 
 
 class GatewayMetrics:
@@ -343,7 +367,7 @@ class Gateway:
                         cs.probe_seq = 0
                         self.metrics.request_seconds.observe(time.perf_counter() - cs.probe_at)
                 if core.has_space:
-                    cs.space.set()
+                    cs.wake_reader()
                 if cs.detached_at is not None:
                     self._release_if_durable(cs)
             elif kind is Kind.PUSH:
@@ -356,7 +380,7 @@ class Gateway:
             elif kind is Kind.DURABLE:
                 core.on_durable(frame.seq)
                 if core.has_space:
-                    cs.space.set()
+                    cs.wake_reader()
                 if cs.detached_at is not None:
                     self._release_if_durable(cs)
             elif kind is Kind.ATTACHED:
@@ -585,8 +609,8 @@ class Gateway:
             raise
         welcome = {"op": "welcome", "player": player, "session": f"{core.id:x}"}
         await ws.send(orjson.dumps(welcome), text=True)
-        cs.busy = not cs.outbound.empty()
-        cs.writer = asyncio.get_running_loop().create_task(cs.write_loop())
+        cs.welcomed = True
+        cs.start_writer()
         return cs
 
     def _client_session(self, core: Session, ws: ServerConnection) -> ClientSession:
@@ -606,7 +630,7 @@ class Gateway:
         if previous.detached_at is None:
             previous.close(CloseCode.SESSION_REPLACED, "a newer session for this player took over")
         previous.detached_at = time.monotonic()
-        previous.space.set()
+        previous.wake_reader()
         if previous.writer is not None:
             previous.writer.cancel()
         cs = self._client_session(previous.core, ws)
@@ -626,8 +650,7 @@ class Gateway:
                 await ws.wait_closed()  # our code, not the 1000 of a returning handler
                 return
             if not core.has_space:
-                cs.space.clear()
-                await cs.space.wait()  # backpressure: stop reading this client
+                await cs.wait_for_space()
             if core.state is SessionState.CLOSED or cs.detached_at is not None:
                 return
             seq = core.submit(payload)
@@ -648,7 +671,7 @@ class Gateway:
             return  # taken over by a newer socket, or released already
         if cs.detached_at is None:
             cs.detached_at = time.monotonic()
-        cs.space.set()
+        cs.wake_reader()
         if cs.writer is not None:
             cs.writer.cancel()
         if core.buffered and core.state is not SessionState.CLOSED:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import subprocess
 import time
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
@@ -222,5 +225,59 @@ def test_a_revoked_token_is_refused(cluster):
         assert close_code == 4001
         async with await RingsideClient.connect(cluster.url, keep) as c:  # other tokens still work
             assert await c.request("ping") == {"pong": True}
+
+    asyncio.run(main())
+
+
+async def slow_reader(url: str, token: str):
+    """A client whose socket buffers little and that reads only when told to."""
+    parts = urlsplit(url)
+    host, port = parts.hostname, parts.port
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    ws = await connect(url, sock=sock, compression=None, max_queue=1)
+    await ws.send(orjson.dumps({"op": "hello", "token": token}))
+    assert orjson.loads(await ws.recv())["op"] == "welcome"
+    return ws
+
+
+def test_a_client_that_stops_reading_gets_its_replies_later_or_4004_past_the_bound(make_cluster):
+    """Replies to a client that does not read queue at the gateway (the kernel buffers are
+    small here) and reach it in order once it reads; past `max_outbound` it is closed 4004."""
+    cluster = make_cluster(
+        extra="[gateway]\nmax_outbound = 64\nsocket_send_buffer = 4096\n"
+        "rate_limit_per_s = 10000.0\nrate_limit_burst = 10000.0"
+    )
+    inventory = {"id": 0, "op": "player.update", "args": {"set": {"inventory": ["i" * 60] * 50}}}
+
+    async def big_replies(ws, count: int) -> None:
+        """`count` requests whose replies are ~3 KB each, sent without reading them."""
+        for i in range(count):
+            await ws.send(orjson.dumps({"id": i, "op": "player.get"}))
+
+    async def main():
+        paused = await slow_reader(cluster.url, cluster.token("paused"))
+        await paused.send(orjson.dumps(inventory))
+        assert orjson.loads(await paused.recv())["ok"]
+        # ~180 KB of replies: more than the socket buffers on both sides, fewer than 64
+        # frames queued at the gateway.
+        await big_replies(paused, 60)
+        ids = [orjson.loads(await asyncio.wait_for(paused.recv(), 10))["id"] for _ in range(60)]
+        assert ids == list(range(60))
+        await paused.send(orjson.dumps({"id": "last", "op": "ping"}))
+        assert orjson.loads(await asyncio.wait_for(paused.recv(), 10))["result"] == {"pong": True}
+        await paused.close()
+
+        stuck = await slow_reader(cluster.url, cluster.token("stuck"))
+        await stuck.send(orjson.dumps(inventory))
+        assert orjson.loads(await stuck.recv())["ok"]
+        with contextlib.suppress(ConnectionClosed):
+            await big_replies(stuck, 400)
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await asyncio.wait_for(stuck.recv(), 10)
+        assert stuck.close_code == 4004
 
     asyncio.run(main())
