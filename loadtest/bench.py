@@ -69,6 +69,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
 
 
+def syscalls(pid: int) -> int:
+    """Read- and write-family system calls the process made (/proc/<pid>/io syscr + syscw;
+    libuv reads and writes sockets with read/write/writev, so each socket I/O counts)."""
+    with open(f"/proc/{pid}/io") as fh:
+        counts = dict(line.split(":") for line in fh)
+    return int(counts["syscr"]) + int(counts["syscw"])
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
@@ -820,9 +828,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log(f"echo baseline: {fixed_sessions} connections")
         gen("open", url=echo_url, players=players("e", fixed_sessions))
         e_closed = gen("closed", seconds=closed_s)
-        c0 = cpu_seconds(echo.pid)
+        c0, sc0 = cpu_seconds(echo.pid), syscalls(echo.pid)
         e_fixed = gen("rate", rate=fixed_rate, seconds=phase_s)
         e_cpu = cpu_seconds(echo.pid) - c0
+        e_sys = syscalls(echo.pid) - sc0
         log(f"echo baseline: {lat_sessions} connections over {len(pool)} generator processes")
         pool.open(url=echo_url, players=players("e2-", lat_sessions - fixed_sessions))
         e_lat = pool.rate(rate=lat_rate, seconds=phase_s)
@@ -831,6 +840,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "closed": e_closed,
             "fixed": e_fixed,
             "cpu_us_per_msg": e_cpu / max(1, e_fixed["answered_all"]) * 1e6,
+            "syscalls_per_msg": e_sys / max(1, e_fixed["answered_all"]),
             "latency": e_lat,
         }
 
@@ -840,6 +850,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         r_closed = gen("closed", seconds=closed_s)
         time.sleep(0.5)
         c0 = {n: cpu_seconds(pids[n]) for n in [*server_names, "redis"]}  # type: ignore[arg-type]
+        sc0 = {n: syscalls(pids[n]) for n in server_names}  # type: ignore[arg-type]
         rc0 = redis_counts(rds)
         f0 = flush_counts(cluster, config.node_names)
         profilers = (
@@ -853,6 +864,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         r_fixed = gen("rate", rate=fixed_rate, seconds=phase_s)
         c1 = {n: cpu_seconds(pids[n]) for n in [*server_names, "redis"]}  # type: ignore[arg-type]
+        sc1 = {n: syscalls(pids[n]) for n in server_names}  # type: ignore[arg-type]
         time.sleep(0.3)  # the last flush
         rc1 = redis_counts(rds)
         f1 = flush_counts(cluster, config.node_names)
@@ -864,6 +876,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "fixed": r_fixed,
             "cpu_us_per_req": per,
             "cpu_us_per_req_server": server_us,
+            "syscalls_per_req": {n: (sc1[n] - sc0[n]) / answered for n in server_names},
         }
         out["write_behind"] = {
             "evalsha_per_1000": (rc1["evalsha"] + rc1["eval"] - rc0["evalsha"] - rc0["eval"])
@@ -999,6 +1012,16 @@ def table(r: dict[str, Any]) -> str:
             f"({per['redis']:.1f})",
             "",
             "",
+            "",
+        )
+    )
+    sys_per = s["syscalls_per_req"]
+    rows.append(
+        (
+            "  socket reads + writes per request, gateway / nodes",
+            f"{sys_per['gateway']:.2f} / {sum(v for k, v in sys_per.items() if k != 'gateway'):.2f}",
+            f"{e['syscalls_per_msg']:.2f}",
+            ratio(sum(sys_per.values()), e["syscalls_per_msg"]),
             "",
         )
     )

@@ -1,8 +1,8 @@
 """asyncio adapter for :mod:`server.swim`: UDP for probes and gossip, TCP for push-pull.
 
 The adapter only moves bytes and time: every datagram goes through the codec (bad ones are
-counted and dropped) into ``Swim.receive``; ``Swim.tick`` runs every ``tick_interval``;
-what they return is sent. A push-pull exchange is one length-prefixed frame each way on a
+counted and dropped) into ``Swim.receive``; ``Swim.tick`` runs when ``Swim.next_deadline`` says
+(at least every ``max_tick_interval``); what they return is sent. A push-pull exchange is one length-prefixed frame each way on a
 TCP connection to the same port number as the UDP socket.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import socket
 import struct
@@ -26,6 +27,8 @@ __all__ = ["GossipEndpoint"]
 log = logging.getLogger(__name__)
 _LEN = struct.Struct("!I")
 MAX_DATAGRAM = 65_000
+TIMER_SLACK_S = 0.001  # the loop's timers are in whole milliseconds: do not wake early
+STALE_DEADLINE_TICK_S = 0.02  # cadence while a deadline stays due after a tick
 
 
 class _FrameError(Exception):
@@ -73,7 +76,7 @@ class GossipEndpoint:
         seeds: Sequence[Addr] = (),
         meta: Mapping[str, Any] | None = None,
         config: SwimConfig | None = None,
-        tick_interval: float = 0.02,
+        max_tick_interval: float = 0.25,  # below SwimConfig.pause_threshold
         rng: random.Random | None = None,
         on_event: Callable[[MemberEvent], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -86,7 +89,9 @@ class GossipEndpoint:
         self._seeds = list(seeds)
         self._meta = dict(meta or {})
         self._config = config or SwimConfig()
-        self._tick_interval = tick_interval
+        self._max_tick_interval = max_tick_interval
+        self._sleeping_until = math.inf  # when the ticker wakes next
+        self._rearm = asyncio.Event()  # an earlier deadline appeared: wake the ticker
         self._rng = rng or random.Random()
         self._on_event = on_event
         self._clock = clock
@@ -201,8 +206,19 @@ class GossipEndpoint:
     # -- plumbing -------------------------------------------------------------------------
 
     async def _tick_forever(self) -> None:
+        # Sleep to the state machine's next deadline instead of ticking at a fixed rate: an
+        # idle member wakes a few times per protocol period, not 50 times a second.
         while True:
-            await asyncio.sleep(self._tick_interval)
+            now = self._clock()
+            delay = min(self.swim.next_deadline() - now, self._max_tick_interval)
+            if delay <= 0:
+                delay = STALE_DEADLINE_TICK_S  # the last tick left it due: never spin
+            self._sleeping_until = now + delay
+            self._rearm.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay + TIMER_SLACK_S):
+                    await self._rearm.wait()
+            self._sleeping_until = math.inf
             try:
                 self._flush(self.swim.tick(self._clock()))
             except Exception:
@@ -229,6 +245,8 @@ class GossipEndpoint:
                 queue.put_nowait(ev)
         # Wake waiters after every input: predicates may depend on more than events.
         self._changed.set()
+        if self._sleeping_until < math.inf and self.swim.next_deadline() < self._sleeping_until:
+            self._rearm.set()
         self._changed = asyncio.Event()
 
     def _on_datagram(self, data: bytes, addr: Addr) -> None:

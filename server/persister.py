@@ -52,7 +52,8 @@ class Persister:
             delay = self._wb.next_flush - now if self._wb.due(self._wb.next_flush) else interval
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), max(delay, 0.001))
+                    async with asyncio.timeout(max(delay, 0.001)):  # no task per wait
+                        await self._wake.wait()
             self._wake.clear()
             await self.flush_due()
 

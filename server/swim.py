@@ -262,7 +262,7 @@ class Swim:
         return self._join(now)
 
     def tick(self, now: float) -> list[Outgoing]:
-        """Drive timers; call every 10-50 ms and send what it returns."""
+        """Drive timers; call at ``next_deadline()`` (or more often) and send what it returns."""
         out: list[Outgoing] = []
         gap = now - self._last_tick
         self._last_tick = now
@@ -285,6 +285,22 @@ class Swim:
             self._next_reap = now + self.config.protocol_period
             self._reap(now)
         return out
+
+    def next_deadline(self) -> float:
+        """When ``tick`` next has something to do (a probe, a timeout, a reap). Anything fed
+        in through ``receive``, ``leave`` or ``probe_now`` may make it earlier."""
+        due = min(self._next_probe, self._next_push_pull, self._next_reap)
+        for probe in self._probes.values():
+            due = min(due, probe.end if probe.indirect or probe.acked else probe.ack_deadline)
+        for relay in self._relays.values():
+            due = min(due, relay.nack_at)
+        for suspicion in self._suspicions.values():
+            due = min(due, suspicion.deadline)
+        if self._leave_at is not None and self._me.state is LEAVING:
+            due = min(due, self._leave_at)
+        if not self._has_peers():
+            due = min(due, self._next_join)
+        return due
 
     def receive(self, now: float, addr: Addr, message: Message) -> list[Outgoing]:
         """Feed one authenticated message from ``addr`` (replies go there). For a PushPull

@@ -6,8 +6,10 @@ delay, and can crash, pause or partition members. Nothing here sleeps or opens a
 
 from __future__ import annotations
 
+import copy
 import heapq
 import random
+from collections.abc import Callable
 from dataclasses import replace
 
 from server.swim import (
@@ -39,9 +41,12 @@ class SimNet:
         n_seeds: int = 3,
         key: bytes | None = None,
         dt: float = 0.02,
+        deadline_ticks: bool = False,
     ) -> None:
         self.rng = random.Random(seed)
         self.loss, self.delay, self.key, self.dt = loss, delay, key, dt
+        self.deadline_ticks = deadline_ticks  # tick a member only once its next_deadline() is due
+        self.before_tick: Callable[[str], None] | None = None
         self.now = 0.0
         self.names = [f"n{i:03d}" for i in range(n)]
         self.addr = {name: ("10.0.0.1", 7000 + i) for i, name in enumerate(self.names)}
@@ -110,6 +115,10 @@ class SimNet:
         self.now = end
         for name in self.names:
             if self.up(name):
+                if self.before_tick is not None:
+                    self.before_tick(name)
+                if self.deadline_ticks and self.now < self.nodes[name].next_deadline():
+                    continue
                 self.send(name, self.nodes[name].tick(self.now))
                 for ev in self.nodes[name].take_events():
                     self.log.append((self.now, name, ev))
@@ -389,3 +398,45 @@ def test_fast_evidence_probe_speeds_detection() -> None:
         net.send(name, net.nodes[name].probe_now(victim, net.now))
     took = net.run(5.0, until=lambda: net.state_of(victim) == {FAULTY}, check_every=0.02)
     assert took is not None and took < CFG.suspicion_min + 3 * PERIOD
+
+
+# -- next_deadline: what the asyncio adapter sleeps until ---------------------------------
+
+
+def test_a_tick_before_next_deadline_sends_nothing_and_changes_no_member() -> None:
+    net = SimNet(10, seed=17, loss=0.05)
+    net.boot()
+    net.crashed.add("n004")  # probes fail: ping-reqs, relays, suspicions, a FAULTY
+    checked = 0
+
+    def check(name: str) -> None:
+        nonlocal checked
+        node = net.nodes[name]
+        if net.now < node.next_deadline():
+            clone = copy.deepcopy(node)
+            clone.take_events()  # what receive() produced since the last tick
+            assert clone.tick(net.now) == [], name
+            assert clone.take_events() == [], name
+            checked += 1
+
+    net.before_tick = check
+    assert net.run(8.0, until=lambda: net.state_of("n004") == {FAULTY}) is not None
+    net.send("n006", net.nodes["n006"].leave(net.now))  # and a leave, with its linger timer
+    net.run(5.0)
+    assert net.state_of("n006") == {LEFT}
+    assert checked > 1000
+
+
+def test_ticking_only_at_deadlines_detects_as_fast_and_stays_quiet() -> None:
+    took = {}
+    for deadline_ticks in (False, True):
+        net = SimNet(30, seed=23, loss=0.03, deadline_ticks=deadline_ticks)
+        net.boot()
+        net.run(60.0)
+        assert net.faulty_events() == [], deadline_ticks
+        net.crashed.add("n017")
+        took[deadline_ticks] = net.run(
+            40 * PERIOD, until=lambda net=net: net.state_of("n017") == {FAULTY}, check_every=0.02
+        )
+    assert took[True] is not None and took[False] is not None
+    assert took[True] <= took[False] + 3 * PERIOD, took
