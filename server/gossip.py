@@ -1,9 +1,10 @@
 """asyncio adapter for :mod:`server.swim`: UDP for probes and gossip, TCP for push-pull.
 
 The adapter only moves bytes and time: every datagram goes through the codec (bad ones are
-counted and dropped) into ``Swim.receive``; ``Swim.tick`` runs when ``Swim.next_deadline`` says
-(at least every ``max_tick_interval``); what they return is sent. A push-pull exchange is one length-prefixed frame each way on a
-TCP connection to the same port number as the UDP socket.
+counted and dropped) into ``Swim.receive``; ``Swim.tick`` runs when ``Swim.next_deadline``
+says (at least every ``max_tick_interval``); what they return is sent. A push-pull exchange
+is one length-prefixed frame each way on a TCP connection to the same port number as the
+UDP socket.
 """
 
 from __future__ import annotations
