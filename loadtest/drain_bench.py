@@ -3,7 +3,7 @@ pause each live session on it sees while it moves, and whether anything was lost
 hand-off mode (`[node] handoff`): "live" (live migration) and "redis" (the Redis hand-off).
 
     .venv/bin/python -m loadtest.drain_bench [--runs 3] [--actors 10000] [--sessions 200]
-        [--handoff live,redis]
+        [--handoff live,redis] [--interval 0.1]
 
 Every run builds a fresh scratch cluster on 127.0.0.1 (embedded Redis, 3 nodes, gateway) in a
 temporary directory and tears it down afterwards; its config gets `[node] handoff = "<mode>"`.
@@ -27,6 +27,10 @@ per step, a table with a row per run, then one JSON line as the last line of out
    drain window [drain called, drain returned] (a session that is never answered again
    counts as the whole remaining window). p50 / p99 / max over sessions, next to the same
    figure for an equally long window just before the drain (the closed loop's own jitter).
+   Stall per live session: the longest request (send to ack) that was waiting during the
+   drain, next to the same figure just before it. In a closed loop that saturates the 2
+   cores, every gap includes a round trip under that load; `--interval 0.1` makes the
+   sessions 10 Hz game clients instead, and the stall is then the pause itself.
 4. Correctness once every running node reports `dirty == 0`: every live player's stored xp
    (`rs:{player:<id>}:state`) equals its acknowledged increments, every activation player's
    equals 1 (its one acknowledged increment); lost / doubled / disconnected counts.
@@ -348,6 +352,20 @@ def gap_over(times: list[float], t0: float, t1: float, t_end: float) -> tuple[fl
     return worst, start
 
 
+def longest_request(sent: list[float], acks: list[float], t0: float, t1: float, t_end: float) -> float:
+    """Longest time from send to ack of a request that was waiting at some point in [t0, t1]
+    (answered at or after t0, sent at or before t1); a request sent before t1 and never
+    answered counts up to t_end. `sent[i]` is the send time of the request acked at `acks[i]`."""
+    worst = 0.0
+    for s, a in zip(sent, acks, strict=False):
+        if a >= t0 and s <= t1:
+            worst = max(worst, a - s)
+    if len(acks) == len(sent) and (not acks or acks[-1] <= t1):
+        # No ack after the window: the session's request in flight waited until t_end.
+        worst = max(worst, t_end - (acks[-1] if acks else t0))
+    return worst
+
+
 def pct(vals: list[float], q: float) -> float | None:
     if not vals:
         return None
@@ -398,7 +416,7 @@ async def drain_run(index: int, handoff: str, args: argparse.Namespace) -> dict[
             + (" (activation timed out: measuring with what is active)" if act["timed_out"] else "")
         )
 
-        load = DrainLoad(scratch.url, {p: scratch.token(p) for p in live})
+        load = DrainLoad(scratch.url, {p: scratch.token(p) for p in live}, interval=args.interval)
         await asyncio.wait_for(load.start(), 60)
         await load.wait_for_acks(max(2000, 10 * len(live)), timeout=60)
         await asyncio.sleep(1.0)  # steady state
@@ -447,7 +465,20 @@ async def drain_run(index: int, handoff: str, args: argparse.Namespace) -> dict[
         ends = [st + g - t0 for g, st in pauses]
         width = t1 - t0
         base = [gap_over(p.ack_times, t0 - 1.0 - width, t0 - 1.0, t0)[0] for p in load.players.values()]
+        stalls = [
+            longest_request(load.sent_times.get(name, []), p.ack_times, t0, t1, t_end)
+            for name, p in load.players.items()
+        ]
+        base_stalls = [
+            longest_request(load.sent_times.get(name, []), p.ack_times, t0 - 1.0 - width, t0 - 1.0, t0)
+            for name, p in load.players.items()
+        ]
         record.update(
+            interval_s=args.interval,
+            stall_p50_ms=ms(pct(stalls, 0.5)),
+            stall_p99_ms=ms(pct(stalls, 0.99)),
+            stall_max_ms=ms(max(stalls) if stalls else None),
+            baseline_stall_p99_ms=ms(pct(base_stalls, 0.99)),
             pause_p50_ms=ms(pct(gaps, 0.5)),
             pause_p99_ms=ms(pct(gaps, 0.99)),
             pause_max_ms=ms(max(gaps) if gaps else None),
@@ -550,6 +581,10 @@ AGG_KEYS = (
     "pause_p99_ms",
     "pause_max_ms",
     "baseline_gap_p99_ms",
+    "stall_p50_ms",
+    "stall_p99_ms",
+    "stall_max_ms",
+    "baseline_stall_p99_ms",
     "activation_s",
     "migrated",
     "adopted_after",
@@ -613,6 +648,7 @@ def summarize(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
         out["live_vs_redis"] = {
             "drain_s_p50": ratio(live["drain_s"]["p50"], red["drain_s"]["p50"]),
             "pause_p99_ms_p50": ratio(live["pause_p99_ms"]["p50"], red["pause_p99_ms"]["p50"]),
+            "stall_p99_ms_p50": ratio(live["stall_p99_ms"]["p50"], red["stall_p99_ms"]["p50"]),
             "definition": "live median / redis median over this invocation's runs (below 1: live shorter)",
         }
     for key in SUM_KEYS:  # correctness over every run, whatever the mode
@@ -635,7 +671,7 @@ def print_table(runs: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     head = (
         f"{'run':>3} {'mode':<5} {'actors':>7} {'sess':>5} {'drain()':>8} {'node':>7} {'migr':>6} "
         f"{'mig end':>8} {'dirty=0':>8} {'actors=0':>8} {'pause p50':>9} {'p99':>7} {'max':>7} "
-        f"{'base p99':>8} {'lost/dbl/disc/err':>18}"
+        f"{'base p99':>8} {'stall p99':>9} {'base':>7} {'lost/dbl/disc/err':>18}"
     )
     say(head)
     say("-" * len(head))
@@ -654,6 +690,7 @@ def print_table(runs: list[dict[str, Any]], summary: dict[str, Any]) -> None:
             f"{fmt(r.get('dirty_zero_s')):>8} {fmt(r.get('actors_zero_s')):>8} "
             f"{fmt(r.get('pause_p50_ms'), 'ms'):>9} {fmt(r.get('pause_p99_ms'), 'ms'):>7} "
             f"{fmt(r.get('pause_max_ms'), 'ms'):>7} {fmt(r.get('baseline_gap_p99_ms'), 'ms'):>8} "
+            f"{fmt(r.get('stall_p99_ms'), 'ms'):>9} {fmt(r.get('baseline_stall_p99_ms'), 'ms'):>7} "
             f"{counts:>18}"
         )
     say(f"targets: drain < {TARGETS['drain_s']}s, pause p99 < {TARGETS['pause_p99_ms']:.0f}ms.")
@@ -662,6 +699,7 @@ def print_table(runs: list[dict[str, Any]], summary: dict[str, Any]) -> None:
             f"  {mode:<5} ({s['runs'] - s['failed_runs']}/{s['runs']} runs ok): "
             f"drain() p50/max {fmt(s['drain_s']['p50'])}/{fmt(s['drain_s']['max'])}, "
             f"pause p99 p50/max {fmt(s['pause_p99_ms']['p50'], 'ms')}/{fmt(s['pause_p99_ms']['max'], 'ms')}, "
+            f"stall p99 p50/max {fmt(s['stall_p99_ms']['p50'], 'ms')}/{fmt(s['stall_p99_ms']['max'], 'ms')}, "
             f"migrated p50 {fmt_n(s['migrated']['p50'])}, "
             f"adopted after p50 {fmt_n(s['adopted_after']['p50'])}"
         )
@@ -677,7 +715,9 @@ def print_table(runs: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         "to node ('drain finished'); mig end:\ndrain start -> 'migrated actors' logged (live only); "
         "dirty=0 / actors=0: first /status poll (50 ms) with\ndirty 0 / actors 0; pause: per live "
         "session, longest gap between consecutive acks spanning the drain;\nbase p99: same gap measure "
-        "over an equally long window just before the drain (the closed loop's own jitter)."
+        "over an equally long window just before the drain (the closed loop's own jitter);\nstall: per "
+        "live session, the longest request (send to ack) waiting during the drain; base: the same just "
+        "before it."
     )
     say(f"note: {HANDOFF_NOTE}.")
     say("")
@@ -746,6 +786,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--actors", type=int, default=10_000, help="player actors to activate on the victim")
     ap.add_argument("--sessions", type=int, default=200, help="live closed-loop sessions on the victim")
+    ap.add_argument(
+        "--interval",
+        type=float,
+        default=0.0,
+        help="seconds each live session waits after an ack before its next request (default 0: a "
+        "closed loop that saturates the machine; 0.1: a 10 Hz game client)",
+    )
     ap.add_argument("--victim", default="n2", help="node to drain (default n2)")
     ap.add_argument("--concurrency", type=int, default=200, help="concurrent activation clients")
     ap.add_argument("--activate-timeout", type=float, default=300.0, help="bound on activation (s)")
@@ -755,9 +802,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    pacing = f"{args.interval}s between requests" if args.interval else "closed loop"
     say(
         f"drain bench: {args.runs} runs per mode x {','.join(args.handoff)}, {args.actors} actors + "
-        f"{args.sessions} live sessions on {args.victim}; nproc {os.cpu_count()}, memory {meminfo_gb()} GB"
+        f"{args.sessions} live sessions on {args.victim} ({pacing}); nproc {os.cpu_count()}, "
+        f"memory {meminfo_gb()} GB"
     )
     say(f"note: {HANDOFF_NOTE}")
     if "RINGSIDE_NODE_HANDOFF" in os.environ:
