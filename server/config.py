@@ -78,10 +78,9 @@ class NodeSettings:
     migration_recent_epochs: int = 4096  # deactivations remembered to refuse stale hand-overs
     # For this long after it starts (a scale-up, a restart), a node asks an actor's previous
     # owner to hand it over before loading it from Redis: the gateway may re-pin a session
-    # before the previous owner has seen the new ring and pushed the actor. Off (0) by
-    # default: one CI run with it on lost acknowledged updates after an epoch was stolen
-    # during the pull window (test_second_activation_fences_...), cause not yet found.
-    migration_pull_s: float = 0.0
+    # before the previous owner has seen the new ring and pushed the actor (decision 11).
+    # 0 turns pulls off: such actors then load from Redis.
+    migration_pull_s: float = 10.0
     migration_pull_timeout_s: float = 0.5  # then the actor loads from Redis
 
 

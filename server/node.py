@@ -286,6 +286,8 @@ class Node:
         self.sessions[frame.session] = session
 
         def attached(act: Activation) -> None:
+            if self.sessions.get(session.id) is not session:
+                return  # detached (or attached anew) while the actor activated
             # Joined to the actor only now, so fencing off an older activation
             # during the attach does not report this session lost.
             self.sessions_by_actor.setdefault(actor, set()).add(session.id)

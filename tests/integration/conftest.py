@@ -55,6 +55,19 @@ class Cluster:
             "nodes still hold dirty actors",
         )
 
+    def wait_durable(self, timeout: float = 15.0) -> None:
+        """Once every client has closed: wait until the gateway has released every session,
+        which it does only when all the requests it acknowledged are reported durable, then
+        until no node holds a dirty actor. `wait_flushed` alone is not enough after a fence:
+        between the fenced owner dropping its activation (dirty no more) and the gateway's
+        replay reaching the new activation, no node is dirty, yet Redis lacks those updates."""
+        wait_until(
+            lambda: self.gateway_status()["sessions"] == 0,
+            timeout,
+            "the gateway still holds requests that are not durable",
+        )
+        self.wait_flushed(timeout)
+
     def running_nodes(self) -> list[str]:
         return [n for n in self.config.node_names if self.local.pid(n) is not None]
 

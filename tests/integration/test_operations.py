@@ -54,11 +54,15 @@ def test_drain_add_node_and_rolling_restart_under_load(make_cluster, handoff):
         await asyncio.to_thread(local.add_node, "n4")
         await load.wait_for_acks(1000, timeout=30)
         assert cluster.node_status("n4")["sessions"] > 0, "sessions moved to the new node"
+        n4 = cluster.node_status("n4")
         if handoff == "redis":
-            assert cluster.node_status("n4")["adopted"] == 0
-        # Live: how many of n4's ~50 actors arrive node to node depends on whether their old
-        # owners or the gateway see n4 first (measured 0-53 of 53 with pulls off); the rest
-        # load from Redis. Correctness, not the count, is asserted.
+            assert n4["adopted"] == 0
+        else:
+            # Live: n4's actors come node to node, pushed by their old owners or pulled by
+            # n4 when the gateway re-pins a session first; only a timed-out pull loads one
+            # from Redis.
+            print(f"n4 adopted {n4['adopted']} of {n4['actors']} actors")
+            assert n4["adopted"] >= 0.8 * n4["actors"], n4
 
         deploy_started = time.monotonic()
         await asyncio.to_thread(local.deploy)
@@ -76,7 +80,7 @@ def test_drain_add_node_and_rolling_restart_under_load(make_cluster, handoff):
         return load, state, drain_time, time.monotonic() - deploy_started
 
     load, state, drain_time, deploy_time = asyncio.run(main())
-    cluster.wait_flushed()
+    cluster.wait_durable()
     assert load.mismatches(cluster.stored_xp) == {}
     assert sum(p.errors for p in load.players.values()) == 0
     assert state["scores"] == scores

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import os
+import signal
 import subprocess
+import urllib.request
 
 from gateway.client import RingsideClient
 from server.cluster import http_json
@@ -20,15 +23,21 @@ async def increment(client: RingsideClient, count: int, acked: dict[str, int]) -
         acked[client.player] = acked.get(client.player, 0) + 1
 
 
-async def steal_epoch(cluster, node: str, player: str) -> None:
-    """Activate `player` on `node` over a raw, authenticated node link: a second
-    activation with a newer epoch, as a node with a stale view would make."""
+async def open_link(cluster, node: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, FrameDecoder]:
+    """A raw node link, authenticated as the gateway's would be."""
     address = cluster.config.node_address(node)
     reader, writer = await asyncio.open_connection(address.host, address.link_port)
     decoder = FrameDecoder()
     [challenge] = decoder.feed(await reader.readexactly(HEADER.size + 16))
     proof = hmac.new(cluster.config.link_key, b"ringside-link\0" + challenge.payload, hashlib.sha256)
     writer.write(encode(Kind.LINK_PROOF, 0, payload=proof.digest()))
+    return reader, writer, decoder
+
+
+async def steal_epoch(cluster, node: str, player: str) -> None:
+    """Activate `player` on `node` over a raw, authenticated node link: a second
+    activation with a newer epoch, as a node with a stale view would make."""
+    reader, writer, decoder = await open_link(cluster, node)
     writer.write(encode(Kind.ATTACH, 999, payload=player.encode()))
     frames = []
     while not frames:
@@ -183,9 +192,85 @@ def test_second_activation_fences_the_first_and_nothing_acknowledged_is_lost(clu
             assert c.closed_with is None
 
     asyncio.run(main())
-    cluster.wait_flushed()
+    # Not wait_flushed alone: if the fence comes after the last "ok", the gateway replays
+    # after the client left, and no node is dirty until the replay reaches the new activation.
+    cluster.wait_durable()
     assert cluster.node_status(owner)["stale_epoch_refusals"] >= 1
     assert cluster.stored_state(player)["xp"] == acked[player] == 250
+
+
+def test_a_fence_inside_the_pull_window_loses_nothing(make_cluster):
+    """Pulls on, the epoch stolen by the very node the owner pulls from. After the fence the
+    owner's new activation asks the thief for alice (it holds her live under the newer
+    epoch) before the gateway's replay can reach it; meanwhile no node holds alice dirty and
+    Redis lacks the acknowledged updates: only the gateway's replay buffer has them. The thief
+    is stopped (SIGSTOP) to hold that window open; the updates must all land after it."""
+    cluster = make_cluster(
+        extra=(
+            "[node]\nmigration_pull_s = 120\nmigration_pull_timeout_s = 10\nflush_interval_ms = 2000\n"
+            "stall_drop_s = 30\n[swim]\nsuspicion_min = 30\nsuspicion_max = 60"
+        )
+    )
+    player = "alice"
+    owner = cluster.owner(player)
+    # The node `owner` pulls alice from: her owner in the ring without `owner`.
+    thief = cluster.owner(player, [n for n in cluster.config.node_names if n != owner])
+    third = next(n for n in cluster.config.node_names if n not in (owner, thief))
+    pid = cluster.local.pid(thief)
+    assert pid is not None
+
+    async def main():
+        c = await RingsideClient.connect(cluster.url, cluster.token(player))
+        for _ in range(50):
+            await c.request("player.update", {"incr": {"xp": 1}})
+        await c.close()  # the gateway keeps what is not durable yet
+        await steal_epoch(cluster, thief, player)
+
+    asyncio.run(main())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: cluster.node_status(owner)["stale_epoch_refusals"] >= 1, 10, "the fence")
+        # The window: what `wait_flushed` alone took for "everything is in Redis".
+        assert cluster.node_status(owner)["dirty"] == 0
+        assert cluster.node_status(third)["dirty"] == 0
+        assert cluster.gateway_status()["sessions"] == 1
+        assert cluster.stored_xp(player) < 50
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    cluster.wait_durable()
+    assert cluster.node_status(owner)["adopted"] >= 1  # pulled from the thief, not loaded
+    assert cluster.stored_state(player)["xp"] == 50
+
+
+def test_a_session_detached_while_its_actor_activates_does_not_break_a_drain(make_cluster):
+    """The gateway may detach a session (it moved on) before the actor it attached to has
+    finished activating. The node must not then join the gone session to the actor: a
+    drain would wait for that session to leave, then trip over it and never exit."""
+    cluster = make_cluster(extra='[node]\nhandoff = "redis"\ndrain_timeout_s = 3.0')
+    node = cluster.owner("ghost")
+    pid = cluster.local.pid(node)
+
+    async def attach_and_detach():
+        reader, writer, decoder = await open_link(cluster, node)
+        cluster.redis.execute_command("CLIENT", "PAUSE", 1000, "ALL")  # the activation waits
+        writer.write(encode(Kind.ATTACH, 4242, payload=b"ghost"))
+        writer.write(encode(Kind.DETACH, 4242))
+        await writer.drain()
+        writer.close()
+
+    asyncio.run(attach_and_detach())
+    cluster.redis.ping()  # answered once the pause is over
+
+    def activations() -> float:
+        with urllib.request.urlopen(cluster.local.admin_url(node) + "/metrics", timeout=2) as resp:
+            body = resp.read().decode()
+        line = next(x for x in body.splitlines() if x.startswith("ringside_node_activations_total "))
+        return float(line.split()[1])
+
+    wait_until(lambda: activations() >= 1, 10, "ghost activated after the pause")
+    assert cluster.node_status(node)["sessions"] == 0
+    cluster.local.drain(node)
+    assert not os.path.exists(f"/proc/{pid}"), "the drained node exited"
 
 
 def test_make_token_prints_one_token_per_player(cluster):
