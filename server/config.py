@@ -76,10 +76,10 @@ class NodeSettings:
     migration_batch_bytes: int = 256 << 10  # state bytes per hand-over message (< max_link_frame)
     migration_redirect_s: float = 30.0  # how long a node sends messages for moved actors on
     migration_recent_epochs: int = 4096  # deactivations remembered to refuse stale hand-overs
-    # For this long after it starts (a scale-up, a restart), a node asks an actor's previous
-    # owner to hand it over before loading it from Redis: the gateway may re-pin a session
-    # before the previous owner has seen the new ring and pushed the actor (decision 11).
-    # 0 turns pulls off: such actors then load from Redis.
+    # For this long after a ring change gives a node actors (it joined, or their owner is
+    # leaving), it asks an actor's previous owner to hand it over before loading it from
+    # Redis: the gateway may re-pin a session before that owner has pushed the actor
+    # (decision 11). Never from a member declared faulty. 0 turns pulls off.
     migration_pull_s: float = 10.0
     migration_pull_timeout_s: float = 0.5  # then the actor loads from Redis
 

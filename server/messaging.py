@@ -229,6 +229,8 @@ class Messaging:
 
             async def give() -> None:
                 keys = [k for k in actors if isinstance(k, str)]
+                # The asker may be so new that gossip has not told us its address yet.
+                self._peers.learn(sender, message["args"].get("link"))
                 answer(_ok({"handed": await self._migrator.give(keys, sender)}))
 
             self._spawn(give())

@@ -47,9 +47,11 @@ class Migrator:
         store: Store,
         write_behind: WriteBehind,
         peers: Peers,
+        link_address: tuple[str, int],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
+        self._link_address = link_address  # sent with pulls: the source may not know us yet
         self._settings = settings
         self._runtime = runtime
         self._store = store
@@ -204,7 +206,8 @@ class Migrator:
             task.add_done_callback(self._tasks.discard)
 
     async def _run_pull(self, source: str, batch: list[tuple[str, asyncio.Future[None]]]) -> None:
-        message = {"to": "node", "op": PULL_OP, "from": self.name, "args": {"actors": [k for k, _ in batch]}}
+        args = {"actors": [k for k, _ in batch], "link": list(self._link_address)}
+        message = {"to": "node", "op": PULL_OP, "from": self.name, "args": args}
         try:
             await self._peers.call(source, message, self._settings.migration_pull_timeout_s)
             self.pulls_total += len(batch)

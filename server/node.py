@@ -34,6 +34,7 @@ from server.player import PlayerState, Request, parse_request
 from server.ring import HashRing
 from server.runtime import Activation, ActorRuntime
 from server.store import Store
+from server.swim import MemberState
 from server.wire import Frame, Kind
 from server.writebehind import WriteBehind
 
@@ -203,6 +204,7 @@ class Node:
             store=self.store,
             write_behind=self.wb,
             peers=self.peers,
+            link_address=(self.address.host, self.address.link_port),
         )
         self.messaging = Messaging(
             name=name,
@@ -219,8 +221,10 @@ class Node:
         self.started_at = time.time()
         self.self_faulty_drops = 0
         self.draining_since: float | None = None
+        # After a ring change gives us actors, for migration_pull_s: who held them before.
         self._pull_until = time.monotonic() + settings.migration_pull_s
-        self._others_ring: HashRing | None = None  # the ring without us, while we may pull
+        self._pull_ring: HashRing | None = None
+        self._ring_members: tuple[str, ...] = ()
         self.handoffs_total = 0
         self.link_auth_failures = 0  # links cut for a wrong proof or a frame that did not open
         self._tasks: set[asyncio.Task[None]] = set()
@@ -450,17 +454,27 @@ class Node:
 
     # -- ring changes, drain ------------------------------------------------
     def _handover_source(self, key: str) -> str | None:
-        """Just started: the node that owned `key` before we joined may hold it live."""
-        if self._others_ring is None or time.monotonic() > self._pull_until or self.draining_since:
+        """The ring just gave us `key` (we joined, or its owner is leaving): the node that
+        owned it before may hold it live. Not one declared faulty: it would not answer."""
+        if self._pull_ring is None or time.monotonic() > self._pull_until or self.draining_since:
             return None
         if self.membership.ring.owner(key) != self.name:
             return None
-        return self._others_ring.owner(key)
+        source = self._pull_ring.owner(key)
+        member = self.membership.member(source)
+        if member is None or member.state is MemberState.FAULTY:
+            return None
+        return source
 
     def _on_ring_change(self, ring: HashRing) -> None:
-        others = [m for m in ring.members if m != self.name]
-        live = self.config.node.handoff == "live" and others and self.name in ring.members
-        self._others_ring = HashRing(others) if live else None
+        # Who owned a key before this change, as far as we can tell: the members of the
+        # last ring and this one, without us (at our start, our last ring was just us).
+        before = set(self._ring_members) | set(ring.members)
+        before.discard(self.name)
+        self._ring_members = ring.members
+        live = self.config.node.handoff == "live" and before and self.name in ring.members
+        self._pull_ring = HashRing(sorted(before)) if live else None
+        self._pull_until = time.monotonic() + self.config.node.migration_pull_s
         draining = self.draining_since is not None
         self.migrator.on_ring_change(ring.members, None if draining or not ring.members else ring.owner)
         if ring.members and not draining:

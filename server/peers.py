@@ -47,6 +47,7 @@ class Peers:
         self._connect_timeout = connect_timeout
         self._max_calls = max_calls
         self._links: dict[str, Link] = {}
+        self._learned: dict[str, tuple[str, int]] = {}  # addresses peers told us before gossip did
         self._connecting: dict[str, asyncio.Future[Link]] = {}
         self._ids = itertools.count(1)
         self._calls: dict[int, tuple[Link, asyncio.Future[dict[str, Any]]]] = {}
@@ -73,8 +74,22 @@ class Peers:
             return link
         return await asyncio.shield(pending)
 
+    def learn(self, node: str, address: object) -> None:
+        """A peer on an authenticated link told us where its own link listens (a node that
+        just joined, not yet known through gossip). Gossip's address, once known, wins."""
+        if (
+            isinstance(address, list)
+            and len(address) == 2
+            and isinstance(address[0], str)
+            and isinstance(address[1], int)
+            and 0 < address[1] < 65536
+        ):
+            if len(self._learned) >= 1024:
+                self._learned.clear()  # bounded: a hint is only needed for moments
+            self._learned[node] = (address[0], address[1])
+
     async def _dial(self, node: str) -> Link:
-        address = self._address_of(node)
+        address = self._address_of(node) or self._learned.get(node)
         if address is None:
             raise PeerLost(f"no address for {node}")
         loop = asyncio.get_running_loop()

@@ -127,8 +127,14 @@ def test_migrator_adopt_skips_malformed_entries(entries):
     async def main():
         runtime, wb = make_runtime([])
         migrator = Migrator(
-            name="n1", settings=NodeSettings(), runtime=runtime, store=NoStore(), write_behind=wb, peers=None
-        )  # type: ignore[arg-type]
+            name="n1",
+            settings=NodeSettings(),
+            runtime=runtime,
+            store=NoStore(),
+            write_behind=wb,
+            peers=None,  # type: ignore[arg-type]
+            link_address=("127.0.0.1", 1),
+        )
         assert migrator.adopt(entries, "n2") == 0
         assert migrator.adopt([["player:a", 4, blob(2, 2).decode()]], "n2") == 1
         assert migrator.is_adopted("player:a")
