@@ -298,6 +298,8 @@ class Node:
             link.send(Kind.ATTACHED, session.id, act.player.applied_seq, act.flushed_seq)
 
         def failed(error: RingsideError) -> None:
+            if self.sessions.get(session.id) is not session:
+                return  # detached (or attached anew) meanwhile: not this attach's business
             self._detach(session.id)
             if isinstance(error, ActorMoved) and error.node:
                 link.send(Kind.MOVED, session.id, payload=error.node.encode())
