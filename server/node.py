@@ -559,6 +559,10 @@ class Node:
         if target is not None:
             hot = [key for key in self.runtime.actors if key in self.sessions_by_actor]
             migrated += await self.migrator.migrate(hot, target.owner, migration_deadline)
+            log.info(
+                "migrated the actors with sessions",
+                extra={"migrated": migrated, "elapsed_s": round(time.monotonic() - started, 3)},
+            )
         leaving = asyncio.get_running_loop().create_task(self.membership.leave(settings.leave_timeout_s))
         if target is not None:
             idle = list(self.runtime.actors)
