@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
@@ -71,6 +73,20 @@ def epoch_key(actor: str) -> str:
     return f"rs:{{{actor}}}:epoch"
 
 
+class _CPackedConnection(aioredis.Connection):
+    """redis-py's asyncio client packs commands in Python, re-joining its buffer for every
+    argument: ~4 us per actor state in a flush. hiredis (its parser here already) packs
+    the same bytes in C, ~0.7 us."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str):  # "SCRIPT LOAD" and the like: split as redis-py does
+            args = (*args[0].encode().split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:  # a type hiredis does not take: redis-py's way, with its errors
+            return super().pack_command(*args)
+
+
 class Store:
     def __init__(self, url: str, *, timeout: float = 2.0, max_connections: int = 64) -> None:
         # A blocking pool: a burst of activations waits for a connection instead of
@@ -82,6 +98,8 @@ class Store:
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
         )
+        if pool.connection_class is aioredis.Connection:  # not TLS or a Unix socket
+            pool.connection_class = _CPackedConnection
         self._redis = aioredis.Redis(connection_pool=pool)
         self._shas: dict[str, str] = {}  # script text -> its SHA once loaded
         self._activations: list[tuple[str, asyncio.Future[tuple[int, bytes | None]]]] = []
