@@ -110,7 +110,7 @@ class ClientSession:
     def push(self, payload: bytes) -> None:
         ws = self.ws
         if self.detached_at is not None or ws.protocol.state is not State.OPEN:
-            return  # the client will not read it; the reply stays in the replay buffer
+            return  # the client will not read it
         if self.outbound is None and self.welcomed and not ws.paused:
             # Fast path: nothing queued and the socket takes data: frame it and write it
             # now, in this callback, instead of waking a writer task for each reply.
@@ -159,6 +159,7 @@ class ClientSession:
         """Close with `code`. The close frame queues behind what the client has not read."""
         if self.close_code is None:
             self.close_code = code
+            self.wake_reader()  # a reader waiting for replay space stops reading now
             self._on_close(code)
             if self.writer is not None:
                 self.writer.cancel()
@@ -604,11 +605,11 @@ class Gateway:
                 raise HelloRefused(
                     CloseCode.TRY_AGAIN_LATER, "unavailable", f"node {core.node} did not attach"
                 ) from exc
+            welcome = {"op": "welcome", "player": player, "session": f"{core.id:x}"}
+            await ws.send(orjson.dumps(welcome), text=True)  # the client may be gone already
         except BaseException:
             self._close_session(cs)
             raise
-        welcome = {"op": "welcome", "player": player, "session": f"{core.id:x}"}
-        await ws.send(orjson.dumps(welcome), text=True)
         cs.welcomed = True
         cs.start_writer()
         return cs
@@ -649,8 +650,11 @@ class Gateway:
                 cs.close(CloseCode.RATE_LIMITED, "too many frames; slow down")
                 await ws.wait_closed()  # our code, not the 1000 of a returning handler
                 return
-            if not core.has_space:
+            while not core.has_space and cs.detached_at is None and cs.close_code is None:
                 await cs.wait_for_space()
+            if cs.close_code is not None:
+                await ws.wait_closed()  # our close code, not the 1000 of a returning handler
+                return
             if core.state is SessionState.CLOSED or cs.detached_at is not None:
                 return
             seq = core.submit(payload)

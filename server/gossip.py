@@ -77,7 +77,7 @@ class GossipEndpoint:
         seeds: Sequence[Addr] = (),
         meta: Mapping[str, Any] | None = None,
         config: SwimConfig | None = None,
-        max_tick_interval: float = 0.25,  # below SwimConfig.pause_threshold
+        max_tick_interval: float = 0.25,  # capped at half of SwimConfig.pause_threshold
         rng: random.Random | None = None,
         on_event: Callable[[MemberEvent], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -211,7 +211,9 @@ class GossipEndpoint:
         # idle member wakes a few times per protocol period, not 50 times a second.
         while True:
             now = self._clock()
-            delay = min(self.swim.next_deadline() - now, self._max_tick_interval)
+            # Below pause_threshold, or every quiet gap would look like a process pause.
+            longest = min(self._max_tick_interval, self.swim.config.pause_threshold / 2)
+            delay = min(self.swim.next_deadline() - now, longest)
             if delay <= 0:
                 delay = STALE_DEADLINE_TICK_S  # the last tick left it due: never spin
             self._sleeping_until = now + delay

@@ -34,7 +34,7 @@ from server.player import PlayerState, Request, parse_request
 from server.ring import HashRing
 from server.runtime import Activation, ActorRuntime
 from server.store import Store
-from server.swim import MemberState
+from server.swim import DEAD
 from server.wire import Frame, Kind
 from server.writebehind import WriteBehind
 
@@ -221,9 +221,11 @@ class Node:
         self.started_at = time.time()
         self.self_faulty_drops = 0
         self.draining_since: float | None = None
-        # After a ring change gives us actors, for migration_pull_s: who held them before.
+        # For migration_pull_s after a ring change: the ring before the change (or the
+        # first of a run of them) and who else held keys then, to pull what it gave us.
         self._pull_until = time.monotonic() + settings.migration_pull_s
         self._pull_ring: HashRing | None = None
+        self._base_ring: HashRing | None = None
         self._ring_members: tuple[str, ...] = ()
         self.handoffs_total = 0
         self.link_auth_failures = 0  # links cut for a wrong proof or a frame that did not open
@@ -457,26 +459,34 @@ class Node:
     # -- ring changes, drain ------------------------------------------------
     def _handover_source(self, key: str) -> str | None:
         """The ring just gave us `key` (we joined, or its owner is leaving): the node that
-        owned it before may hold it live. Not one declared faulty: it would not answer."""
+        owned it before may hold it live. Not one declared faulty or gone: no answer."""
         if self._pull_ring is None or time.monotonic() > self._pull_until or self.draining_since:
             return None
         if self.membership.ring.owner(key) != self.name:
             return None
+        if self._base_ring is not None and self._base_ring.owner(key) == self.name:
+            return None  # ours before the change too
         source = self._pull_ring.owner(key)
         member = self.membership.member(source)
-        if member is None or member.state is MemberState.FAULTY:
+        if member is None or member.state in DEAD:
             return None
         return source
 
     def _on_ring_change(self, ring: HashRing) -> None:
-        # Who owned a key before this change, as far as we can tell: the members of the
-        # last ring and this one, without us (at our start, our last ring was just us).
+        now = time.monotonic()
+        if now > self._pull_until:
+            # A new run of changes: what we owned before it is not to be pulled. (In the
+            # window after our start the base stays None: we owned nothing before.)
+            alone = self._ring_members in ((), (self.name,))
+            self._base_ring = None if alone else HashRing(self._ring_members)
+        # Who held a key before, as far as we can tell: the members of the last ring and
+        # this one, without us.
         before = set(self._ring_members) | set(ring.members)
         before.discard(self.name)
         self._ring_members = ring.members
         live = self.config.node.handoff == "live" and before and self.name in ring.members
         self._pull_ring = HashRing(sorted(before)) if live else None
-        self._pull_until = time.monotonic() + self.config.node.migration_pull_s
+        self._pull_until = now + self.config.node.migration_pull_s
         draining = self.draining_since is not None
         self.migrator.on_ring_change(ring.members, None if draining or not ring.members else ring.owner)
         if ring.members and not draining:

@@ -291,7 +291,9 @@ class Swim:
         in through ``receive``, ``leave`` or ``probe_now`` may make it earlier."""
         due = min(self._next_probe, self._next_push_pull, self._next_reap)
         for probe in self._probes.values():
-            due = min(due, probe.end if probe.indirect or probe.acked else probe.ack_deadline)
+            if probe.acked:  # done: clear it now (probe_now skips a target still probed)
+                return -math.inf
+            due = min(due, probe.end if probe.indirect else probe.ack_deadline)
         for relay in self._relays.values():
             due = min(due, relay.nack_at)
         for suspicion in self._suspicions.values():

@@ -415,8 +415,10 @@ def test_a_tick_before_next_deadline_sends_nothing_and_changes_no_member() -> No
         if net.now < node.next_deadline():
             clone = copy.deepcopy(node)
             clone.take_events()  # what receive() produced since the last tick
+            probes, health = set(clone._probes), clone.local_health
             assert clone.tick(net.now) == [], name
             assert clone.take_events() == [], name
+            assert (set(clone._probes), clone.local_health) == (probes, health), name
             checked += 1
 
     net.before_tick = check
