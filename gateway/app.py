@@ -31,6 +31,7 @@ from gateway.session import PushVerdict, Session, SessionState
 from server.admin import admin_routes
 from server.config import ClusterConfig
 from server.errors import CloseCode
+from server.hotmetrics import Count, LatencyHistogram
 from server.link import Link
 from server.membership import Membership
 from server.ring import HashRing
@@ -192,14 +193,16 @@ class GatewayMetrics:
             lambda: sum(1 for link in gateway.links.values() if link is not None and link.is_open)
         )
         # -- observability (issue 8) --
-        self.requests = Counter("ringside_gateway_requests", "Client requests forwarded", registry=r)
-        self.request_seconds = Histogram(
+        # Counted per request: plain numbers, exported at scrape time (server/hotmetrics.py).
+        self.requests = Count("ringside_gateway_requests", "Client requests forwarded")
+        self.request_seconds = LatencyHistogram(
             "ringside_gateway_request_seconds",
             "Round trip of a request at the gateway, client frame in to reply out (sampled)",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.pushes = Counter("ringside_gateway_pushes", "Pushed events delivered to clients", registry=r)
+        self.pushes = Count("ringside_gateway_pushes", "Pushed events delivered to clients")
+        for collector in (self.requests, self.request_seconds, self.pushes):
+            r.register(collector)
         self.session_moves = Counter(
             "ringside_gateway_session_moves",
             "Sessions re-attached to a new owner (failover, drain)",
@@ -375,7 +378,7 @@ class Gateway:
                 verdict = core.on_push(frame.aux, frame.seq)
                 if verdict is PushVerdict.DELIVER:
                     cs.push(frame.payload)
-                    self.metrics.pushes.inc()
+                    self.metrics.pushes.value += 1
                 elif verdict is PushVerdict.GAP:
                     self._request_fill(cs, link, frame.aux)
             elif kind is Kind.DURABLE:
@@ -658,7 +661,7 @@ class Gateway:
             if core.state is SessionState.CLOSED or cs.detached_at is not None:
                 return
             seq = core.submit(payload)
-            self.metrics.requests.inc()
+            self.metrics.requests.value += 1
             if cs.probe_seq == 0:
                 cs.probe_seq = seq
                 cs.probe_at = time.perf_counter()

@@ -393,7 +393,7 @@ class Dashboard:
                 del self._node_cache[name]
                 self._node_requests.pop(name, None)
         registry = gateway.metrics.registry
-        total = registry.get_sample_value("ringside_gateway_requests_total") or 0.0
+        total = float(self.gateway.metrics.requests.value)
         rps = None
         if self._gateway_requests is not None:
             t0, n0 = self._gateway_requests
@@ -419,12 +419,7 @@ class Dashboard:
         }
 
     def _latency_quantiles(self) -> tuple[float | None, float | None]:
-        hist = self.gateway.metrics.request_seconds
-        buckets: list[tuple[float, float]] = []
-        for metric in hist.collect():
-            for sample in metric.samples:
-                if sample.name.endswith("_bucket"):
-                    buckets.append((float(sample.labels["le"]), sample.value))
+        buckets = self.gateway.metrics.request_seconds.cumulative()
         self._latency.append(buckets)
         first = self._latency[0]
         window = [(b, c - c0) for (b, c), (_, c0) in zip(buckets, first, strict=True)]

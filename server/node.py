@@ -17,13 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 from websockets.asyncio.server import serve
 
 from server.admin import admin_routes
 from server.config import ClusterConfig
 from server.errors import ActorMoved, Overloaded, RingsideError, Unavailable, error_reply, ok_reply
 from server.game import GameState
+from server.hotmetrics import LabelledCounts
 from server.link import Link
 from server.membership import Membership
 from server.messaging import GAME_OPS, Messaging
@@ -56,12 +57,9 @@ class NodeMetrics:
     def __init__(self, node: Node) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "ringside_node_requests", "Client requests handled", ["op", "result"], registry=r
-        )
-        self.request_ok = {
-            op: self.requests.labels(op, "ok") for op in ("ping", "player.get", "player.update")
-        }
+        # Counted per request: plain numbers, exported at scrape time (server/hotmetrics.py).
+        self.requests = LabelledCounts("ringside_node_requests", "Client requests handled", ["op", "result"])
+        r.register(self.requests)
         self.flush_seconds = Histogram(
             "ringside_node_flush_seconds", "Duration of one pipelined flush", registry=r
         )
@@ -391,12 +389,10 @@ class Node:
                 if mutated:
                     self.wb.mark_dirty(key)
             reply = ok_reply(request.id, result)
-            counter = self.metrics.request_ok.get(op)
-            if counter is not None:
-                counter.inc()
+            self.metrics.requests.add((op, "ok"))
         except RingsideError as exc:
             reply = error_reply(request.id, exc)
-            self.metrics.requests.labels(_op_label(op), exc.code).inc()
+            self.metrics.requests.add((_op_label(op), exc.code))
         return self._durable(act, seq), reply
 
     async def _game_request(
@@ -405,10 +401,10 @@ class Node:
         try:
             result = await self.messaging.game_request(act, seq, request)
             reply = ok_reply(request.id, result)
-            self.metrics.requests.labels(request.op, "ok").inc()
+            self.metrics.requests.add((request.op, "ok"))
         except RingsideError as exc:
             reply = error_reply(request.id, exc)
-            self.metrics.requests.labels(_op_label(request.op), exc.code).inc()
+            self.metrics.requests.add((_op_label(request.op), exc.code))
         link.send(Kind.REPLY, session.id, seq, self._durable(act, seq), reply)
 
     def _push(self, actor: str, seq: int, stream: int, payload: bytes) -> None:

@@ -36,13 +36,15 @@ class WriteBehind:
         self._rng = rng
         self._dirty: dict[Hashable, None] = {}  # insertion order: oldest first
         self._in_flight: set[Hashable] = set()
+        # Dirty or in flight (or both): asked on every update, so kept, not computed.
+        self._unsettled: set[Hashable] = set()
         self._next_flush = now + interval
         self._failures = 0  # consecutive failed flushes
         self._urgent = False  # someone waits for a write: flush without waiting for the period
 
     def __len__(self) -> int:
         """Actors whose latest state is not yet known to be durable."""
-        return len(self._dirty) + len(self._in_flight - self._dirty.keys())
+        return len(self._unsettled)
 
     @property
     def degraded(self) -> bool:
@@ -53,7 +55,7 @@ class WriteBehind:
         return self._next_flush
 
     def is_dirty(self, key: Hashable) -> bool:
-        return key in self._dirty or key in self._in_flight
+        return key in self._unsettled
 
     def can_accept(self, key: Hashable) -> bool:
         return self.is_dirty(key) or len(self) < self.max_dirty
@@ -61,8 +63,10 @@ class WriteBehind:
     def mark_dirty(self, key: Hashable, *, urgent: bool = False) -> None:
         """Note that `key` changed. `urgent`: a caller waits for this write (group commit)."""
         if key not in self._dirty:
-            if key not in self._in_flight and len(self) >= self.max_dirty:
-                raise DirtySetFull(f"{len(self)} actors wait for Redis")
+            if key not in self._unsettled:
+                if len(self._unsettled) >= self.max_dirty:
+                    raise DirtySetFull(f"{len(self)} actors wait for Redis")
+                self._unsettled.add(key)
             self._dirty[key] = None
         if urgent and not self._failures:
             self._urgent = True
@@ -96,7 +100,11 @@ class WriteBehind:
         return batch
 
     def flushed(self, keys: Iterable[Hashable]) -> None:
-        self._in_flight.difference_update(keys)
+        dirty = self._dirty
+        for key in keys:
+            self._in_flight.discard(key)
+            if key not in dirty:  # not changed again while it was written
+                self._unsettled.discard(key)
         self._failures = 0
 
     def failed(self, keys: Iterable[Hashable], now: float) -> float:
@@ -113,3 +121,4 @@ class WriteBehind:
         """Forget `key` without writing it (a stale activation)."""
         self._dirty.pop(key, None)
         self._in_flight.discard(key)
+        self._unsettled.discard(key)

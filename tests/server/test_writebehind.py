@@ -95,3 +95,42 @@ def test_urgent_write_still_backs_off_while_redis_fails():
     wb.failed(batch, 0.1)
     wb.mark_dirty("b", urgent=True)
     assert wb.take_batch(0.1) == []
+
+
+def test_count_and_dirtiness_follow_a_model_through_random_interleavings():
+    """`len()` and `is_dirty()` are kept incrementally; a model recomputes them."""
+    rng = random.Random(7)
+    wb = make(batch_max=5, max_dirty=10_000)
+    dirty: set[int] = set()  # changed since its last write began
+    in_flight: dict[int, list[int]] = {}  # batch id -> keys
+    now = 0.0
+    for step in range(5000):
+        now += 0.01
+        action = rng.random()
+        if action < 0.5:
+            key = rng.randrange(30)
+            wb.mark_dirty(key)
+            dirty.add(key)
+        elif action < 0.7:
+            batch = wb.take_batch(now)
+            assert not set(batch) & {k for keys in in_flight.values() for k in keys}
+            dirty -= set(batch)
+            in_flight[step] = batch
+        elif in_flight:
+            batch_id = rng.choice(list(in_flight))
+            keys = in_flight.pop(batch_id)
+            if rng.random() < 0.8:
+                wb.flushed(keys)
+            else:
+                wb.failed(keys, now)
+                dirty |= set(keys)
+        elif rng.random() < 0.1:
+            key = rng.randrange(30)
+            wb.discard(key)
+            dirty.discard(key)
+            for keys in in_flight.values():
+                if key in keys:
+                    keys.remove(key)
+        unsettled = dirty | {k for keys in in_flight.values() for k in keys}
+        assert len(wb) == len(unsettled)
+        assert all(wb.is_dirty(k) == (k in unsettled) for k in range(30))
