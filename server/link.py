@@ -55,6 +55,7 @@ class Link(asyncio.Protocol):
         self.authenticated = False
         self._held: list[bytes] = []  # a dialer's frames before it has answered the challenge
         self._out: list[bytes] = []  # frames to write at the end of this loop iteration
+        self._receiving = False  # in data_received: it writes `_out` when the handlers return
         self._held_bytes = 0
         self.transport: asyncio.Transport | None = None
         self.closed = asyncio.get_running_loop().create_future()
@@ -92,7 +93,15 @@ class Link(asyncio.Protocol):
                 self.abort()
                 return
         if frames:
-            self._on_frames(self, frames)
+            # What the handlers send back on this link leaves in one write when they are
+            # done, rather than in a callback of the next loop iteration.
+            self._receiving = True
+            try:
+                self._on_frames(self, frames)
+            finally:
+                self._receiving = False
+                if self._out:
+                    self._flush_out()
 
     def _open(self, frame: Frame) -> Frame:
         assert self._keyring is not None
@@ -143,13 +152,13 @@ class Link(asyncio.Protocol):
         # Frames made in one loop iteration leave in one write (one syscall, not one each).
         out = self._out
         out.append(data)
-        if len(out) == 1:
+        if len(out) == 1 and not self._receiving:
             asyncio.get_running_loop().call_soon(self._flush_out)
         return True
 
     def _flush_out(self) -> None:
         out, self._out = self._out, []
-        if self.transport is not None and not self.transport.is_closing():
+        if out and self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(out)
 
     def pause_writing(self) -> None:

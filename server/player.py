@@ -6,8 +6,7 @@ mutating operation returns `mutated=True` so the runtime marks the actor dirty.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -18,6 +17,8 @@ SETTABLE = ("name", "level", "position", "inventory", "stats")
 INCREMENTABLE = ("xp", "level")
 MAX_INT = 2**53  # JSON-safe integers only
 STAT_KEY_MAX = 32
+_REQUEST_FIELDS = frozenset(("id", "op", "args"))
+_UPDATE_FIELDS = frozenset(("set", "incr"))
 
 
 def _check_int(field: str, value: Any) -> int:
@@ -91,9 +92,9 @@ class PlayerState:
         raise UnknownOp(f"unknown op {op!r}")
 
     def _update(self, args: dict[str, Any], limits: NodeSettings) -> None:
-        unknown = set(args) - {"set", "incr"}
-        if unknown:
-            raise BadRequest(f"player.update takes only 'set' and 'incr', not {sorted(unknown)}")
+        if not _UPDATE_FIELDS.issuperset(args):
+            unknown = sorted(set(args) - _UPDATE_FIELDS)
+            raise BadRequest(f"player.update takes only 'set' and 'incr', not {unknown}")
         sets = args.get("set", {})
         incrs = args.get("incr", {})
         if not isinstance(sets, dict) or not isinstance(incrs, dict):
@@ -102,18 +103,16 @@ class PlayerState:
             raise BadRequest("player.update needs 'set' or 'incr'")
         # Validate everything first so a bad field changes nothing.
         staged = {field: self._validated_set(field, value, limits) for field, value in sets.items()}
-        deltas: dict[str, int] = {}
         for field, value in incrs.items():
             if field not in INCREMENTABLE:
                 raise BadRequest(f"cannot incr {field!r}; incrementable: {list(INCREMENTABLE)}")
-            deltas[field] = _check_int(f"incr.{field}", value)
-        for field, value in staged.items():
-            setattr(self, field, value)
-        for field, delta in deltas.items():
-            new = getattr(self, field) + delta
+            base = staged[field] if field in staged else getattr(self, field)  # set, then incr
+            new = base + _check_int(f"incr.{field}", value)
             if abs(new) > MAX_INT:
                 raise BadRequest(f"{field} would overflow")
-            setattr(self, field, new)
+            staged[field] = new
+        for field, value in staged.items():
+            setattr(self, field, value)
 
     @staticmethod
     def _validated_set(field: str, value: Any, limits: NodeSettings) -> Any:
@@ -144,8 +143,7 @@ class PlayerState:
         raise BadRequest(f"cannot set {field!r}; settable: {list(SETTABLE)}")
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):  # made per request: a tuple is cheaper than a frozen dataclass
     id: Any
     op: str
     args: dict[str, Any]
@@ -172,7 +170,6 @@ def parse_request(payload: bytes) -> Request:
         raise BadRequest("op must be a string", request_id=request_id)
     if not isinstance(args, dict):
         raise BadRequest("args must be an object", request_id=request_id)
-    unknown = set(data) - {"id", "op", "args"}
-    if unknown:
-        raise BadRequest(f"unknown fields {sorted(unknown)}", request_id=request_id)
+    if not _REQUEST_FIELDS.issuperset(data):
+        raise BadRequest(f"unknown fields {sorted(set(data) - _REQUEST_FIELDS)}", request_id=request_id)
     return Request(request_id, op, args)

@@ -57,3 +57,18 @@ def test_update_validates_and_applies():
     assert mutated and result["xp"] == 5 and result["applied_seq"] == 3
     back = PlayerState.from_blob(player.to_blob(), "p")
     assert back.view() == player.view()
+
+
+def test_an_overflowing_increment_changes_nothing_else_in_the_update():
+    player = PlayerState("p")
+    player.xp = 2**53 - 1
+    before = player.to_blob()
+    with pytest.raises(BadRequest, match="overflow"):
+        player.handle("player.update", {"set": {"name": "Q"}, "incr": {"level": 1, "xp": 5}}, LIMITS, seq=2)
+    assert player.to_blob() == before
+
+
+def test_set_then_incr_of_one_field_adds_to_the_set_value():
+    player = PlayerState("p")
+    result, _ = player.handle("player.update", {"set": {"level": 10}, "incr": {"level": 2}}, LIMITS, seq=1)
+    assert result["level"] == 12
