@@ -22,6 +22,8 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame as WsFrame
+from websockets.frames import Opcode
 from websockets.protocol import State
 from websockets.typing import Origin
 
@@ -78,6 +80,7 @@ class ClientSession:
         "welcomed",
         "detached_at",
         "fill_retries",
+        "bucket",
     )
 
     def __init__(
@@ -86,8 +89,10 @@ class ClientSession:
         ws: ServerConnection,
         max_outbound: int,
         on_close: Callable[[CloseCode], None],
+        bucket: TokenBucket,
     ) -> None:
         self.core = core
+        self.bucket = bucket  # the client's frame rate limit
         self.ws = ws
         self.max_outbound = max_outbound
         self.outbound: deque[bytes] | None = None  # frames waiting for the socket
@@ -165,6 +170,30 @@ class ClientSession:
             if self.writer is not None:
                 self.writer.cancel()
             asyncio.get_running_loop().create_task(self.ws.close(code, reason))
+
+
+class GatewayConnection(ServerConnection):
+    """websockets' server connection, plus a way around its receive queue: while a session
+    serves, a complete text frame goes straight to `on_message` from the protocol callback,
+    without waking the handler task (`recv()`) for each one. `on_message` returns False
+    when it cannot take the frame now; then, and for anything else (control frames,
+    fragments, binary), the frame takes websockets' own way and the handler reads it."""
+
+    on_message: Callable[[bytes], bool] | None = None
+
+    def process_event(self, event: Any) -> None:
+        on_message = self.on_message
+        if (
+            on_message is not None
+            and type(event) is WsFrame
+            and event.opcode is Opcode.TEXT
+            and event.fin
+            and not len(self.recv_messages.frames)  # never ahead of frames queued before it
+        ):
+            data = event.data
+            if on_message(data if type(data) is bytes else bytes(data)):
+                return
+        super().process_event(event)
 
 
 class GatewayMetrics:
@@ -623,6 +652,7 @@ class Gateway:
             ws,
             self.settings.max_outbound,
             lambda code: self.metrics.closes.labels(str(int(code))).inc(),
+            TokenBucket(self.settings.rate_limit_per_s, self.settings.rate_limit_burst, time.monotonic()),
         )
         self.sessions[core.id] = cs
         self.sessions_by_player[core.player] = cs
@@ -645,30 +675,50 @@ class Gateway:
     async def _serve(self, cs: ClientSession) -> None:
         ws = cs.ws
         core = cs.core
-        settings = self.settings
-        bucket = TokenBucket(settings.rate_limit_per_s, settings.rate_limit_burst, time.monotonic())
-        while True:
-            payload = await ws.recv(decode=False)
-            if not bucket.take(time.monotonic()):
-                cs.close(CloseCode.RATE_LIMITED, "too many frames; slow down")
-                await ws.wait_closed()  # our code, not the 1000 of a returning handler
-                return
-            while not core.has_space and cs.detached_at is None and cs.close_code is None:
-                await cs.wait_for_space()
-            if cs.close_code is not None:
-                await ws.wait_closed()  # our close code, not the 1000 of a returning handler
-                return
-            if core.state is SessionState.CLOSED or cs.detached_at is not None:
-                return
-            seq = core.submit(payload)
-            self.metrics.requests.value += 1
-            if cs.probe_seq == 0:
-                cs.probe_seq = seq
-                cs.probe_at = time.perf_counter()
-            if core.state is SessionState.PINNED:
-                link = self.links.get(core.node)
-                if link is not None:
-                    link.send(Kind.REQUEST, core.id, seq, 0, payload)
+        if isinstance(ws, GatewayConnection):
+            ws.on_message = lambda payload: self._on_client_frame(cs, payload)
+        try:
+            while True:
+                # Frames the fast path could not take: no replay space, or queued behind one.
+                payload = await ws.recv(decode=False)
+                while not core.has_space and cs.detached_at is None and cs.close_code is None:
+                    await cs.wait_for_space()
+                if cs.close_code is None and core.state is not SessionState.CLOSED and cs.detached_at is None:
+                    self._forward(cs, payload)
+                if cs.close_code is not None:
+                    await ws.wait_closed()  # our close code, not the 1000 of a returning handler
+                    return
+                if core.state is SessionState.CLOSED or cs.detached_at is not None:
+                    return
+        finally:
+            if isinstance(ws, GatewayConnection):
+                ws.on_message = None
+
+    def _on_client_frame(self, cs: ClientSession, payload: bytes) -> bool:
+        """A client frame, from the protocol callback. False: let the reader task take it
+        (it waits for replay space, which must not happen out of order)."""
+        if cs.space is not None or not cs.core.has_space:
+            return False  # the reader holds an earlier frame, or will have to wait
+        if cs.close_code is None and cs.detached_at is None and cs.core.state is not SessionState.CLOSED:
+            self._forward(cs, payload)
+        return True  # else the session is going: the frame is dropped, as the reader would
+
+    def _forward(self, cs: ClientSession, payload: bytes) -> None:
+        """Count the frame against the rate limit and send it to the player's owner (or
+        keep it for replay while the session moves)."""
+        if not cs.bucket.take(time.monotonic()):
+            cs.close(CloseCode.RATE_LIMITED, "too many frames; slow down")
+            return
+        core = cs.core
+        seq = core.submit(payload)
+        self.metrics.requests.value += 1
+        if cs.probe_seq == 0:
+            cs.probe_seq = seq
+            cs.probe_at = time.perf_counter()
+        if core.state is SessionState.PINNED:
+            link = self.links.get(core.node)
+            if link is not None:
+                link.send(Kind.REQUEST, core.id, seq, 0, payload)
 
     def _close_session(self, cs: ClientSession) -> None:
         """The client's socket is gone. Requests it was told "ok" for may not be durable
@@ -746,6 +796,7 @@ class Gateway:
             dashboard.route(self.handle),
             self.settings.host,
             self.settings.port,
+            create_connection=GatewayConnection,
             process_request=routes,
             max_size=self.settings.max_frame_bytes,
             compression=None,

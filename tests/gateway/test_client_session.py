@@ -10,9 +10,13 @@ from __future__ import annotations
 import asyncio
 import types
 
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import serve
+from websockets.frames import Frame as WsFrame
+from websockets.frames import Opcode
 from websockets.protocol import State
 
-from gateway.app import Gateway
+from gateway.app import Gateway, GatewayConnection
 from gateway.session import Session
 from server.config import ClusterConfig
 from server.errors import CloseCode
@@ -96,5 +100,62 @@ def test_a_reader_waiting_for_replay_space_stops_when_the_client_is_closed():
         cs.close(CloseCode.OWNER_LOST, "the player's node stayed unreachable")
         await until(reader.done, "the reader ended")
         assert cs.core.buffered == 1, "nothing read after the close was submitted"
+
+    asyncio.run(main())
+
+
+def test_a_frame_from_the_protocol_callback_waits_behind_one_the_reader_holds():
+    async def main():
+        gateway = Gateway(ClusterConfig())
+        forwarded: list[bytes] = []
+        gateway.links["n1"] = types.SimpleNamespace(  # type: ignore[assignment]
+            name="n1", send=lambda kind, session, seq, aux, payload: forwarded.append(payload)
+        )
+        cs, _, reader = serving(gateway, 4, [b"r1", b"r2", b"r3"], max_replay=2)
+        await until(lambda: cs.space is not None, "the reader holds r3, waiting for space")
+        # r1 is answered and durable: room for one more, and the reader is woken...
+        gateway._on_frames(gateway.links["n1"], [Frame(Kind.REPLY, 4, 1, 1, b"a1")])  # type: ignore[arg-type]
+        # ...but r4 arrives from the protocol callback before the reader has run again.
+        assert gateway._on_client_frame(cs, b"r4") is False, "r4 goes to the reader's queue"
+        await until(lambda: len(forwarded) == 3, "the reader forwarded r3")
+        assert forwarded == [b"r1", b"r2", b"r3"]
+        reader.cancel()
+
+    asyncio.run(main())
+
+
+def test_a_frame_never_overtakes_frames_queued_for_the_reader():
+    """A real connection (so websockets sets up its receive queue); the frames are handed
+    to it as its protocol callback would, so their timing is ours."""
+
+    async def main():
+        accepted: asyncio.Queue[GatewayConnection] = asyncio.Queue()
+
+        async def handler(ws: GatewayConnection) -> None:
+            accepted.put_nowait(ws)
+            await ws.wait_closed()
+
+        async with serve(handler, "127.0.0.1", 0, create_connection=GatewayConnection) as server:
+            port = server.sockets[0].getsockname()[1]
+            async with connect(f"ws://127.0.0.1:{port}"):
+                conn = await asyncio.wait_for(accepted.get(), 5)
+                taken: list[bytes] = []
+                room = [False]
+
+                def on_message(payload: bytes) -> bool:
+                    if room[0]:
+                        taken.append(payload)
+                    return room[0]
+
+                conn.on_message = on_message
+                conn.process_event(WsFrame(Opcode.TEXT, b"f1"))  # no room: queued for the reader
+                room[0] = True
+                conn.process_event(WsFrame(Opcode.TEXT, b"f2"))  # room now, but f1 waits: queued too
+                assert taken == []
+                assert await conn.recv(decode=False) == b"f1"
+                assert await conn.recv(decode=False) == b"f2"
+                conn.process_event(WsFrame(Opcode.TEXT, b"f3"))  # nothing queued: straight through
+                conn.process_event(WsFrame(Opcode.TEXT, b"f4", fin=False))  # a fragment: the reader's
+                assert taken == [b"f3"]
 
     asyncio.run(main())

@@ -281,3 +281,32 @@ def test_a_client_that_stops_reading_gets_its_replies_later_or_4004_past_the_bou
         assert stuck.close_code == 4004
 
     asyncio.run(main())
+
+
+def test_a_client_ahead_of_its_replay_bound_is_read_later_and_in_order(make_cluster):
+    """A client that sends faster than its requests become durable fills its replay buffer
+    (`max_replay`); the gateway stops reading it until there is room. Frames take two ways
+    in (straight from the protocol callback while there is room, through the reader task
+    when there is not): across every switch between them the requests must be applied in
+    the order sent, none dropped, none twice. (The races at a switch are pinned down in
+    tests/gateway/test_client_session.py.)"""
+    cluster = make_cluster(extra="[gateway]\nmax_replay = 4\n")
+    count = 60
+
+    async def main():
+        async with connect(cluster.url, compression=None) as ws:
+            await ws.send(orjson.dumps({"op": "hello", "token": cluster.token("eager")}))
+            assert orjson.loads(await asyncio.wait_for(ws.recv(), 5))["op"] == "welcome"
+            for i in range(1, count + 1):
+                args = {"incr": {"xp": 1}, "set": {"name": f"n{i}"}}
+                await ws.send(orjson.dumps({"id": i, "op": "player.update", "args": args}))
+            replies = [orjson.loads(await asyncio.wait_for(ws.recv(), 20)) for _ in range(count)]
+        assert [r["id"] for r in replies] == list(range(1, count + 1))
+        # Request i was the i-th applied: its reply sees xp == i and its own name.
+        assert [(r["result"]["xp"], r["result"]["name"]) for r in replies] == [
+            (i, f"n{i}") for i in range(1, count + 1)
+        ]
+
+    asyncio.run(main())
+    cluster.wait_durable()
+    assert cluster.stored_xp("eager") == count
