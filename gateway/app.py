@@ -120,8 +120,19 @@ class ClientSession:
         if self.outbound is None and self.welcomed and not ws.paused:
             # Fast path: nothing queued and the socket takes data: frame it and write it
             # now, in this callback, instead of waking a writer task for each reply.
-            ws.protocol.send_text(payload)
-            ws.send_data()
+            protocol = ws.protocol
+            if (
+                type(ws) is GatewayConnection
+                and not protocol.writes
+                and not protocol.extensions
+                and not protocol.expect_continuation_frame
+            ):
+                # A server's frames are unmasked and compression is off: a whole text
+                # frame is a short header and the bytes, without websockets' framing.
+                ws.transport.write(text_frame_header(len(payload)) + payload)
+            else:
+                protocol.send_text(payload)
+                ws.send_data()
             return
         if self.outbound is None:
             self.outbound = deque()
@@ -170,6 +181,18 @@ class ClientSession:
             if self.writer is not None:
                 self.writer.cancel()
             asyncio.get_running_loop().create_task(self.ws.close(code, reason))
+
+
+_SHORT_TEXT_HEADERS = [bytes((0x81, n)) for n in range(126)]  # FIN + text, unmasked length
+
+
+def text_frame_header(length: int) -> bytes:
+    """The header of an unmasked, unfragmented, uncompressed text frame (RFC 6455 5.2)."""
+    if length < 126:
+        return _SHORT_TEXT_HEADERS[length]
+    if length < 1 << 16:
+        return b"\x81\x7e" + length.to_bytes(2, "big")
+    return b"\x81\x7f" + length.to_bytes(8, "big")
 
 
 class GatewayConnection(ServerConnection):

@@ -16,7 +16,7 @@ from websockets.frames import Frame as WsFrame
 from websockets.frames import Opcode
 from websockets.protocol import State
 
-from gateway.app import Gateway, GatewayConnection
+from gateway.app import Gateway, GatewayConnection, text_frame_header
 from gateway.session import Session
 from server.config import ClusterConfig
 from server.errors import CloseCode
@@ -159,3 +159,10 @@ def test_a_frame_never_overtakes_frames_queued_for_the_reader():
                 assert taken == [b"f3"]
 
     asyncio.run(main())
+
+
+def test_text_frame_headers_match_what_websockets_would_send():
+    for length in (0, 1, 125, 126, 127, 65535, 65536, 70000):
+        payload = b"x" * length
+        frame = WsFrame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
+        assert text_frame_header(length) + payload == frame, length
