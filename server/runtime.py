@@ -92,6 +92,8 @@ class Activation:
         self.waiters.append((self.version, waiter))
 
     def durable_upto(self, version: int, ok: bool) -> None:
+        if not self.waiters:
+            return
         ready = [w for v, w in self.waiters if v <= version]
         if ready:
             self.waiters = [(v, w) for v, w in self.waiters if v > version]

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import hiredis
 import redis.asyncio as aioredis
@@ -58,8 +57,7 @@ class StoreUnavailable(Exception):
     """Redis did not answer or failed; the caller keeps its state and retries."""
 
 
-@dataclass(frozen=True, slots=True)
-class Write:
+class Write(NamedTuple):  # one per actor per flush: a tuple is cheaper than a dataclass
     key: str  # actor key, e.g. "player:alice"
     epoch: int
     blob: bytes

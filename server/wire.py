@@ -65,8 +65,12 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[Frame]:
         """Append received bytes; return every complete frame. Raises FrameError."""
-        buf = self._buffer
-        buf += data
+        buf: bytes | bytearray
+        if self._buffer:
+            self._buffer += data
+            buf = self._buffer
+        else:
+            buf = data  # the usual case, whole frames: slices of bytes are bytes, one copy
         frames: list[Frame] = []
         offset = 0
         size = len(buf)
@@ -82,6 +86,8 @@ class FrameDecoder:
                 raise FrameError(f"unknown frame kind {kind}")
             frames.append(Frame(frame_kind, session, seq, aux, bytes(buf[offset + HEADER.size : end])))
             offset = end
-        if offset:
-            del buf[:offset]
+        if buf is self._buffer:
+            del self._buffer[:offset]
+        elif offset < size:
+            self._buffer += buf[offset:]  # a partial frame waits for the rest
         return frames

@@ -18,6 +18,22 @@ def test_roundtrip_split_anywhere():
         ]
 
 
+@settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 2**64 - 1), st.binary(max_size=40)), max_size=6),
+    st.lists(st.integers(1, 30), max_size=20),
+)
+def test_a_stream_cut_into_any_pieces_decodes_to_the_same_frames(sent, cuts):
+    data = b"".join(encode(Kind.PUSH, session, 1, 2, payload) for session, payload in sent)
+    dec = FrameDecoder()
+    frames, at = [], 0
+    for size in [*cuts, len(data)]:
+        frames += dec.feed(data[at : at + size])
+        at += size
+    assert [(f.session, f.payload) for f in frames] == sent
+    assert all(type(f.payload) is bytes for f in frames)
+
+
 def test_oversized_frame_rejected():
     dec = FrameDecoder(max_frame=100)
     with pytest.raises(FrameError):
