@@ -214,7 +214,16 @@ class GatewayConnection(ServerConnection):
             and not len(self.recv_messages.frames)  # never ahead of frames queued before it
         ):
             data = event.data
-            if on_message(data if type(data) is bytes else bytes(data)):
+            try:
+                taken = on_message(data if type(data) is bytes else bytes(data))
+            except Exception:
+                # Raised out of data_received it would abort the socket (1006) and lose
+                # the rest of this read: close it as websockets would a failed handler.
+                log.exception("client frame handler failed")
+                self.on_message = None
+                self.loop.create_task(self.close(CloseCode.INTERNAL_ERROR, "internal error"))
+                return
+            if taken:
                 return
         super().process_event(event)
 
@@ -720,11 +729,19 @@ class Gateway:
     def _on_client_frame(self, cs: ClientSession, payload: bytes) -> bool:
         """A client frame, from the protocol callback. False: let the reader task take it
         (it waits for replay space, which must not happen out of order)."""
-        if cs.space is not None or not cs.core.has_space:
-            return False  # the reader holds an earlier frame, or will have to wait
-        if cs.close_code is None and cs.detached_at is None and cs.core.state is not SessionState.CLOSED:
-            self._forward(cs, payload)
-        return True  # else the session is going: the frame is dropped, as the reader would
+        if (
+            cs.space is not None
+            or not cs.core.has_space
+            or cs.close_code is not None
+            or cs.detached_at is not None
+            or cs.core.state is SessionState.CLOSED
+        ):
+            # The reader holds an earlier frame or will have to wait, or the session is
+            # going and the reader stops: either way websockets' queue takes the frame,
+            # and past its bound the socket is paused (a closing client is not read on).
+            return False
+        self._forward(cs, payload)
+        return True
 
     def _forward(self, cs: ClientSession, payload: bytes) -> None:
         """Count the frame against the rate limit and send it to the player's owner (or

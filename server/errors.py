@@ -68,6 +68,7 @@ class CloseCode(enum.IntEnum):
     UNSUPPORTED_DATA = 1003  # a binary frame
     POLICY = 1008  # generic policy violation
     TOO_BIG = 1009  # a frame over max_frame_bytes (sent by websockets itself)
+    INTERNAL_ERROR = 1011  # a bug in the gateway; reconnect and the session continues
     TRY_AGAIN_LATER = 1013  # the gateway is full or the player's node cannot take the session
     BAD_HELLO = 4000  # the first frame was not a valid hello
     UNAUTHORIZED = 4001  # missing, forged or expired token

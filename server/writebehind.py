@@ -111,7 +111,7 @@ class WriteBehind:
         """The write of `keys` failed; they stay dirty. Returns the retry delay chosen."""
         for key in keys:
             self._in_flight.discard(key)
-            self._dirty[key] = None
+            self._dirty[key] = None  # unsettled still: it was in flight
         self._failures += 1
         delay = self._rng.uniform(0, min(self.retry_cap, self.retry_base * 2**self._failures))
         self._next_flush = now + max(delay, 0.001)
@@ -120,5 +120,7 @@ class WriteBehind:
     def discard(self, key: Hashable) -> None:
         """Forget `key` without writing it (a stale activation)."""
         self._dirty.pop(key, None)
-        self._in_flight.discard(key)
-        self._unsettled.discard(key)
+        # A write of it under way stays in flight until it returns: a newer activation's
+        # changes wait for the next batch, never ride on (or race) the old write.
+        if key not in self._in_flight:
+            self._unsettled.discard(key)

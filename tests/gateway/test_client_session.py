@@ -166,3 +166,43 @@ def test_text_frame_headers_match_what_websockets_would_send():
         payload = b"x" * length
         frame = WsFrame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
         assert text_frame_header(length) + payload == frame, length
+
+
+def test_a_closing_session_leaves_its_frames_to_the_reader_so_the_socket_is_paused():
+    async def main():
+        gateway = Gateway(ClusterConfig())
+        cs, ws, reader = serving(gateway, 5, [], max_replay=8)
+        await until(lambda: cs.core.buffered == 0 and not reader.done(), "the reader is in recv()")
+        assert gateway._on_client_frame(cs, b"r1") is True
+        cs.close(CloseCode.RATE_LIMITED, "too many frames; slow down")
+        # Dropping it here would keep websockets' queue empty, so a flooding client whose
+        # close is under way would be read (and parsed) at line rate until the close ends.
+        assert gateway._on_client_frame(cs, b"r2") is False
+        ws.incoming.put_nowait(b"r2")  # where websockets puts it: the reader sees the close
+        await until(reader.done, "the reader ended")
+        assert cs.core.buffered == 1, "r2 was not forwarded"
+
+    asyncio.run(main())
+
+
+def test_a_failing_frame_handler_closes_the_socket_with_1011_not_an_abort():
+    async def main():
+        accepted: asyncio.Queue[GatewayConnection] = asyncio.Queue()
+
+        async def handler(ws: GatewayConnection) -> None:
+            accepted.put_nowait(ws)
+            await ws.wait_closed()
+
+        def broken(payload: bytes) -> bool:
+            raise RuntimeError("a bug")
+
+        async with serve(handler, "127.0.0.1", 0, create_connection=GatewayConnection) as server:
+            port = server.sockets[0].getsockname()[1]
+            async with connect(f"ws://127.0.0.1:{port}") as client:
+                conn = await asyncio.wait_for(accepted.get(), 5)
+                conn.on_message = broken
+                await client.send("boom")
+                await asyncio.wait_for(client.wait_closed(), 5)
+                assert client.close_code == CloseCode.INTERNAL_ERROR
+
+    asyncio.run(main())

@@ -116,6 +116,10 @@ def test_count_and_dirtiness_follow_a_model_through_random_interleavings():
             assert not set(batch) & {k for keys in in_flight.values() for k in keys}
             dirty -= set(batch)
             in_flight[step] = batch
+        elif action < 0.75:  # its actor is dropped (stale, migrated), maybe mid-write
+            key = rng.randrange(30)
+            wb.discard(key)
+            dirty.discard(key)  # a write under way stays in flight until it returns
         elif in_flight:
             batch_id = rng.choice(list(in_flight))
             keys = in_flight.pop(batch_id)
@@ -124,13 +128,17 @@ def test_count_and_dirtiness_follow_a_model_through_random_interleavings():
             else:
                 wb.failed(keys, now)
                 dirty |= set(keys)
-        elif rng.random() < 0.1:
-            key = rng.randrange(30)
-            wb.discard(key)
-            dirty.discard(key)
-            for keys in in_flight.values():
-                if key in keys:
-                    keys.remove(key)
         unsettled = dirty | {k for keys in in_flight.values() for k in keys}
         assert len(wb) == len(unsettled)
         assert all(wb.is_dirty(k) == (k in unsettled) for k in range(30))
+
+
+def test_an_actor_dropped_during_a_failed_write_and_changed_again_is_still_dirty():
+    wb = make()
+    wb.mark_dirty("a")
+    batch = wb.take_batch(0.1)
+    wb.discard("a")  # its activation is dropped while the write is under way
+    wb.failed(batch, 0.2)  # ...and the write fails
+    wb.mark_dirty("a")  # a new activation changes it
+    assert wb.is_dirty("a") and len(wb) == 1
+    assert wb.take_batch(10.0) == ["a"]
