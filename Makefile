@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: install run up down status kill pause drain add-node restart deploy test test-unit lint \
-	loadtest loadtest-ui bench clean
+	loadtest loadtest-ui bench cpu-ab clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,10 @@ loadtest-ui: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m loadtest.bench $(BENCH_ARGS)
+
+BASE ?= HEAD~1
+cpu-ab: $(STAMP) ## CPU per request of this checkout against BASE, measured in turns
+	$(BIN)/python -m loadtest.cpu_ab --base $(BASE)
 
 .PHONY: dashboard
 dashboard: $(STAMP) ## print the operator dashboard's URL with the admin token
