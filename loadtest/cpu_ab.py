@@ -1,6 +1,6 @@
 """Server CPU per request of this checkout against another commit, measured in turns.
 
-    .venv/bin/python -m loadtest.cpu_ab [--base e5265e2] [--pairs 4] [--seconds 12]
+    .venv/bin/python -m loadtest.cpu_ab [--base HEAD~1] [--pairs 4] [--seconds 12]
 
 This machine's load moves CPU-per-request figures by 10-20 % from one minute to the next, so
 a before/after taken minutes apart says little about a change of that size. This runs the
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -36,13 +37,18 @@ def measure(seconds: float, sessions: int, rate: int) -> dict[str, float]:
     from server.cluster import LocalCluster
     from server.config import load_config
 
+    def stop(_signum: int, _frame: object) -> None:
+        raise SystemExit("stopped")  # run the finally below: the cluster goes down
+
+    signal.signal(signal.SIGTERM, stop)
     workdir = Path(tempfile.mkdtemp(prefix="ringside-cpu-ab-"))
     config_path = write_config(workdir)
     config = load_config(config_path, env={})
     cluster = LocalCluster(config, str(config_path), progress=lambda _m: None)
-    cluster.up()
-    pool = GenPool(1)
+    pool = None
     try:
+        cluster.up()
+        pool = GenPool(1)
         names = ["gateway", *config.node_names]
         pids = {n: cluster.pid(n) for n in names}
         g = config.gateway
@@ -64,7 +70,8 @@ def measure(seconds: float, sessions: int, rate: int) -> dict[str, float]:
             "late_sends": result.get("late_sends", 0),
         }
     finally:
-        pool.stop()
+        if pool is not None:
+            pool.stop()
         cluster.down()
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -72,10 +79,16 @@ def measure(seconds: float, sessions: int, rate: int) -> dict[str, float]:
 def run_in(checkout: Path, args: argparse.Namespace) -> dict[str, float]:
     command = [sys.executable, str(ROOT / "loadtest" / "cpu_ab.py"), "measure"]
     command += ["--seconds", str(args.seconds), "--sessions", str(args.sessions), "--rate", str(args.rate)]
-    out = subprocess.run(command, cwd=checkout, capture_output=True, text=True, timeout=args.seconds + 120)
-    if out.returncode != 0:
-        raise RuntimeError(f"measuring {checkout} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    child = subprocess.Popen(command, cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = child.communicate(timeout=args.seconds + 120)
+    except subprocess.TimeoutExpired:
+        child.terminate()  # SIGTERM: it takes its cluster down before it exits
+        child.communicate(timeout=60)
+        raise RuntimeError(f"measuring {checkout} took too long; stopped") from None
+    if child.returncode != 0:
+        raise RuntimeError(f"measuring {checkout} failed:\n{stderr[-2000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:

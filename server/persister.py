@@ -79,7 +79,7 @@ class Persister:
         for key in keys:
             act = self._runtime.actors.get(key)
             if act is None or act.state not in _WRITABLE:
-                self._wb.discard(key)
+                self._wb.skipped(key)
                 continue
             acts.append(act)
             seqs.append(getattr(act.data, "applied_seq", 0))
@@ -109,5 +109,5 @@ class Persister:
                 act.flushed_seq = max(act.flushed_seq, seq)
                 act.durable_upto(version, True)
                 self._on_durable(act)
-            else:
+            elif self._runtime.actors.get(act.key) is act:  # not a newer activation of it
                 self._runtime.drop_stale(act.key)

@@ -117,6 +117,13 @@ class WriteBehind:
         self._next_flush = now + max(delay, 0.001)
         return delay
 
+    def skipped(self, key: Hashable) -> None:
+        """The batch that took `key` does not write it (no activation to write): it is
+        neither in flight nor dirty any more."""
+        self._dirty.pop(key, None)
+        self._in_flight.discard(key)
+        self._unsettled.discard(key)
+
     def discard(self, key: Hashable) -> None:
         """Forget `key` without writing it (a stale activation)."""
         self._dirty.pop(key, None)

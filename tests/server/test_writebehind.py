@@ -123,6 +123,12 @@ def test_count_and_dirtiness_follow_a_model_through_random_interleavings():
         elif in_flight:
             batch_id = rng.choice(list(in_flight))
             keys = in_flight.pop(batch_id)
+            if rng.random() < 0.2:  # the persister finds no activation to write for some
+                skipped = [k for k in keys if rng.random() < 0.3]
+                for key in skipped:
+                    wb.skipped(key)
+                    dirty.discard(key)
+                keys = [k for k in keys if k not in skipped]
             if rng.random() < 0.8:
                 wb.flushed(keys)
             else:
@@ -141,4 +147,17 @@ def test_an_actor_dropped_during_a_failed_write_and_changed_again_is_still_dirty
     wb.failed(batch, 0.2)  # ...and the write fails
     wb.mark_dirty("a")  # a new activation changes it
     assert wb.is_dirty("a") and len(wb) == 1
+    assert wb.take_batch(10.0) == ["a"]
+
+
+def test_a_key_its_batch_skips_after_a_discard_settles():
+    """The persister takes a batch, finds no activation for a key (it was dropped) and
+    skips it: the key must not stay in flight, or it is never written again."""
+    wb = make()
+    wb.mark_dirty("a")
+    wb.take_batch(0.1)
+    wb.discard("a")  # dropped while its write was being prepared
+    wb.skipped("a")
+    assert len(wb) == 0
+    wb.mark_dirty("a")  # a new activation changes it
     assert wb.take_batch(10.0) == ["a"]

@@ -1,0 +1,96 @@
+"""The persister's bookkeeping when activations come and go while a write is under way.
+
+The store here stands in for Redis's compare-and-set: a write whose epoch is below
+`fence` is refused, as the CAS script refuses a stale epoch; a gate holds a write open (the
+real script is tested against a real Redis in tests/integration/test_write_behind.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+from server.config import NodeSettings
+from server.persister import Persister
+from server.player import PlayerState
+from server.runtime import ActorRuntime
+from server.store import StoreUnavailable
+from server.writebehind import WriteBehind
+
+
+class FencedStore:
+    def __init__(self, fence: int = 0, fail_first: bool = False) -> None:
+        self.gate = asyncio.Event()
+        self.fence = fence
+        self.fail_first = fail_first
+        self.written: list[tuple[str, int]] = []
+
+    async def write_batch(self, writes):
+        await self.gate.wait()
+        if self.fail_first:
+            self.fail_first = False
+            raise StoreUnavailable("redis went away")
+        self.written += [(w.key, w.epoch) for w in writes if w.epoch >= self.fence]
+        return [w.epoch >= self.fence for w in writes]
+
+
+def make(store: FencedStore):
+    wb = WriteBehind(
+        interval=0.05, batch_max=10, max_dirty=10, retry_base=0.01, retry_cap=0.05,
+        rng=random.Random(1), now=time.monotonic(),
+    )  # fmt: skip
+    deactivated: list[tuple[int, bool]] = []
+    runtime = ActorRuntime(
+        store,  # type: ignore[arg-type]
+        wb,
+        NodeSettings(),
+        clock=time.monotonic,
+        load=lambda key, blob: PlayerState.from_blob(blob, default_name=key),
+        on_activated=lambda act: None,
+        on_deactivated=lambda act, stale, moved_to: deactivated.append((act.epoch, stale)),
+    )
+    persister = Persister(store, wb, runtime, clock=time.monotonic, on_durable=lambda act: None)  # type: ignore[arg-type]
+    return wb, runtime, persister, deactivated
+
+
+def test_a_refused_write_of_a_dropped_activation_leaves_the_newer_one_alone():
+    async def main():
+        store = FencedStore(fence=3)
+        wb, runtime, persister, deactivated = make(store)
+        runtime.adopt("player:a", 1, PlayerState("a").to_blob())
+        wb.mark_dirty("player:a")
+        writing = asyncio.create_task(persister.flush_all(deadline=time.monotonic() + 1))
+        await asyncio.sleep(0.01)  # epoch 1's write is under way
+        runtime.drop_all()
+        runtime.adopt("player:a", 3, PlayerState("a").to_blob())  # a newer activation
+        wb.mark_dirty("player:a")
+        store.gate.set()  # epoch 1's write is refused
+        await writing
+        assert deactivated == [(1, True)], "only the old activation went (drop_all)"
+        assert runtime.actors["player:a"].epoch == 3
+        assert await persister.flush_all(deadline=time.monotonic() + 1)
+        assert store.written == [("player:a", 3)], "the newer activation's change was written"
+
+    asyncio.run(main())
+
+
+def test_a_key_dropped_during_a_failed_write_is_written_for_its_next_activation():
+    async def main():
+        store = FencedStore(fail_first=True)
+        wb, runtime, persister, _ = make(store)
+        runtime.adopt("player:a", 1, PlayerState("a").to_blob())
+        wb.mark_dirty("player:a")
+        writing = asyncio.create_task(persister.flush_all(deadline=time.monotonic() + 0.2))
+        await asyncio.sleep(0.01)  # the write is under way
+        runtime.drop_all()  # the stall watchdog, or the end of a drain
+        store.gate.set()  # ...and the write fails
+        await writing
+        assert await persister.flush_all(deadline=time.monotonic() + 1), "nothing is left pending"
+        assert len(wb) == 0
+        runtime.adopt("player:a", 2, PlayerState("a").to_blob())  # the player comes back
+        wb.mark_dirty("player:a")
+        assert await persister.flush_all(deadline=time.monotonic() + 1)
+        assert store.written == [("player:a", 2)]
+        assert runtime.passivate("player:a"), "clean, so it can go"
+
+    asyncio.run(main())
