@@ -46,20 +46,29 @@ class Persister:
 
     async def run(self) -> None:
         interval = self._wb.interval
+        wrote = True
         while True:
             now = self._clock()
-            # Sleep to the next flush; with nothing dirty, a whole interval (or a kick).
-            delay = self._wb.next_flush - now if self._wb.due(self._wb.next_flush) else interval
+            # Sleep to the next flush; with nothing dirty, a whole interval (or a kick). Also
+            # a whole interval when the last round found nothing to take although a flush
+            # was due: what is dirty is in flight (a flush_all's write), and taking nothing
+            # again at once would spin without ever letting that write return.
+            due = wrote and self._wb.due(self._wb.next_flush)
+            delay = self._wb.next_flush - now if due else interval
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(max(delay, 0.001)):  # no task per wait
                         await self._wake.wait()
             self._wake.clear()
-            await self.flush_due()
+            wrote = await self.flush_due()
 
-    async def flush_due(self) -> None:
+    async def flush_due(self) -> bool:
+        """Write what is due; False when there was nothing to take."""
+        wrote = False
         while batch := self._wb.take_batch(self._clock()):
+            wrote = True
             await self._write(batch)
+        return wrote
 
     async def flush_all(self, *, deadline: float) -> bool:
         """Write every dirty actor now, retrying until `deadline`. True when nothing is left."""
@@ -90,6 +99,9 @@ class Persister:
         started = time.perf_counter()
         try:
             results = await self._store.write_batch(writes)
+        except asyncio.CancelledError:
+            self._wb.unsent([a.key for a in acts])  # stopped mid-write: dirty, not in flight
+            raise
         except StoreUnavailable as exc:
             self.redis_errors_total += 1
             delay = self._wb.failed([a.key for a in acts], self._clock())

@@ -117,6 +117,14 @@ class WriteBehind:
         self._next_flush = now + max(delay, 0.001)
         return delay
 
+    def unsent(self, keys: Iterable[Hashable]) -> None:
+        """The write of `keys` was abandoned (the persister stopped): dirty again, no
+        failure counted."""
+        for key in keys:
+            if key in self._in_flight:
+                self._in_flight.discard(key)
+                self._dirty[key] = None
+
     def skipped(self, key: Hashable) -> None:
         """The batch that took `key` does not write it (no activation to write): it is
         neither in flight nor dirty any more."""

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 from server.config import NodeSettings
 from server.persister import Persister
@@ -24,8 +28,10 @@ class FencedStore:
         self.fence = fence
         self.fail_first = fail_first
         self.written: list[tuple[str, int]] = []
+        self.started = 0
 
     async def write_batch(self, writes):
+        self.started += 1
         await self.gate.wait()
         if self.fail_first:
             self.fail_first = False
@@ -94,3 +100,62 @@ def test_a_key_dropped_during_a_failed_write_is_written_for_its_next_activation(
         assert runtime.passivate("player:a"), "clean, so it can go"
 
     asyncio.run(main())
+
+
+def test_a_write_stopped_midway_leaves_its_keys_to_the_final_flush():
+    """Shutdown cancels the flush loop, maybe mid-write; the final flush_all must still
+    write what that write carried."""
+
+    async def main():
+        store = FencedStore()
+        wb, runtime, persister, _ = make(store)
+        runtime.adopt("player:a", 1, PlayerState("a").to_blob())
+        wb.mark_dirty("player:a")
+        loop_task = asyncio.create_task(persister.run())
+        deadline = time.monotonic() + 2
+        while not store.started:
+            assert time.monotonic() < deadline, "the loop wrote"
+            await asyncio.sleep(0.01)
+        loop_task.cancel()
+        await asyncio.gather(loop_task, return_exceptions=True)
+        store.gate.set()
+        assert await persister.flush_all(deadline=time.monotonic() + 1)
+        assert store.written == [("player:a", 1)]
+
+    asyncio.run(main())
+
+
+def test_the_flush_loop_yields_while_what_is_due_is_in_another_write():
+    """A drain's flush_all writes a key; a session changes it meanwhile, and its next flush
+    falls due: the loop finds nothing to take (the key is in flight) and must wait, not
+    spin, or the write it waits for never returns. Run apart: a spinning loop hangs."""
+    script = textwrap.dedent(
+        """
+        import asyncio, sys, time
+        sys.path.insert(0, "tests/server")
+        from test_persister import FencedStore, make
+        from server.player import PlayerState
+
+        async def main():
+            store = FencedStore()
+            wb, runtime, persister, _ = make(store)
+            loop_task = asyncio.create_task(persister.run())
+            runtime.adopt("player:a", 1, PlayerState("a").to_blob())
+            wb.mark_dirty("player:a")
+            draining = asyncio.create_task(persister.flush_all(deadline=time.monotonic() + 5))
+            await asyncio.sleep(0.01)  # its write is in flight
+            wb.mark_dirty("player:a")
+            await asyncio.sleep(0.2)  # past the next flush
+            store.gate.set()
+            assert await draining
+            loop_task.cancel()
+            print("ok")
+
+        asyncio.run(main())
+        """
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=20
+    )
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
