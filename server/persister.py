@@ -46,14 +46,14 @@ class Persister:
 
     async def run(self) -> None:
         interval = self._wb.interval
-        wrote = True
+        stuck = False
         while True:
             now = self._clock()
             # Sleep to the next flush; with nothing dirty, a whole interval (or a kick). Also
-            # a whole interval when the last round found nothing to take although a flush
-            # was due: what is dirty is in flight (a flush_all's write), and taking nothing
-            # again at once would spin without ever letting that write return.
-            due = wrote and self._wb.due(self._wb.next_flush)
+            # a whole interval when the last round was due but found nothing to take: what
+            # is dirty is in flight (a flush_all's write), and trying again at once would
+            # spin without ever letting that write return.
+            due = not stuck and self._wb.due(self._wb.next_flush)
             delay = self._wb.next_flush - now if due else interval
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
@@ -61,6 +61,7 @@ class Persister:
                         await self._wake.wait()
             self._wake.clear()
             wrote = await self.flush_due()
+            stuck = not wrote and self._wb.due(self._clock())
 
     async def flush_due(self) -> bool:
         """Write what is due; False when there was nothing to take."""
