@@ -38,6 +38,7 @@ class Persister:
         self.last_flush_duration = 0.0
         self.last_success = clock()
         self._wake = asyncio.Event()
+        self._stuck = False  # the flush loop found due work all in flight in another write
         self.on_flushed: Callable[[float], None] = lambda seconds: None  # metrics hook
 
     def kick(self) -> None:
@@ -46,22 +47,22 @@ class Persister:
 
     async def run(self) -> None:
         interval = self._wb.interval
-        stuck = False
         while True:
             now = self._clock()
             # Sleep to the next flush; with nothing dirty, a whole interval (or a kick). Also
-            # a whole interval when the last round was due but found nothing to take: what
-            # is dirty is in flight (a flush_all's write), and trying again at once would
-            # spin without ever letting that write return.
-            due = not stuck and self._wb.due(self._wb.next_flush)
+            # when the last round was due but found nothing to take: what is dirty is in
+            # flight (a flush_all's write), and trying again at once would spin without ever
+            # letting that write return; its return wakes us (see _write).
+            due = not self._stuck and self._wb.due(self._wb.next_flush)
             delay = self._wb.next_flush - now if due else interval
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(max(delay, 0.001)):  # no task per wait
                         await self._wake.wait()
             self._wake.clear()
+            now = self._clock()
             wrote = await self.flush_due()
-            stuck = not wrote and self._wb.due(self._clock())
+            self._stuck = not wrote and self._wb.due(now)
 
     async def flush_due(self) -> bool:
         """Write what is due; False when there was nothing to take."""
@@ -111,6 +112,9 @@ class Persister:
                 extra={"actors": len(acts), "retry_in_s": round(delay, 3), "error": str(exc)},
             )
             return
+        finally:
+            if self._stuck:
+                self._wake.set()  # the flush loop waited for a write like this one to return
         self.last_flush_duration = time.perf_counter() - started
         self.on_flushed(self.last_flush_duration)
         self.last_success = self._clock()
