@@ -47,19 +47,21 @@ class PlayerState:
         self.games: dict[str, int] = {}  # game id -> seq of the last event pushed to the player
 
     # -- persistence ------------------------------------------------------
+    def _state(self, games: Any) -> dict[str, Any]:
+        # One literal, no merge: it is built for every reply and every write.
+        return {
+            "name": self.name,
+            "xp": self.xp,
+            "level": self.level,
+            "position": self.position,
+            "inventory": self.inventory,
+            "stats": self.stats,
+            "applied_seq": self.applied_seq,
+            "games": games,
+        }
+
     def to_blob(self) -> bytes:
-        return orjson.dumps(
-            {
-                "name": self.name,
-                "xp": self.xp,
-                "level": self.level,
-                "position": self.position,
-                "inventory": self.inventory,
-                "stats": self.stats,
-                "applied_seq": self.applied_seq,
-                "games": self.games,
-            }
-        )
+        return orjson.dumps(self._state(self.games))
 
     @classmethod
     def from_blob(cls, blob: bytes | None, default_name: str) -> PlayerState:
@@ -77,18 +79,8 @@ class PlayerState:
         return state
 
     def view(self) -> dict[str, Any]:
-        """What a client sees: the games as a list of ids. (Built in one literal: it is in
-        every reply.)"""
-        return {
-            "name": self.name,
-            "xp": self.xp,
-            "level": self.level,
-            "position": self.position,
-            "inventory": self.inventory,
-            "stats": self.stats,
-            "applied_seq": self.applied_seq,
-            "games": sorted(self.games) if self.games else [],
-        }
+        """What a client sees: the games as a list of ids."""
+        return self._state(sorted(self.games) if self.games else [])
 
     # -- operations -------------------------------------------------------
     def handle(self, op: str, args: dict[str, Any], limits: NodeSettings, *, seq: int) -> tuple[Any, bool]:
