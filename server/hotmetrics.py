@@ -29,9 +29,6 @@ class LabelledCounts(Collector):
         counts = self.counts
         counts[values] = counts.get(values, 0) + amount
 
-    def value(self, values: tuple[str, ...]) -> int:
-        return self.counts.get(values, 0)
-
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
         for values, count in list(self.counts.items()):
@@ -64,10 +61,6 @@ class LatencyHistogram(Collector):
     def observe(self, seconds: float) -> None:
         self.counts[bisect_left(self.bounds, seconds)] += 1
         self.sum += seconds
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
 
     def cumulative(self) -> list[tuple[float, float]]:
         """(upper bound, observations at or below it), +Inf last."""

@@ -299,7 +299,10 @@ def test_a_client_ahead_of_its_replay_bound_is_read_later_and_in_order(make_clus
             assert orjson.loads(await asyncio.wait_for(ws.recv(), 5))["op"] == "welcome"
             for i in range(1, count + 1):
                 args = {"incr": {"xp": 1}, "set": {"name": f"n{i}"}}
-                await ws.send(orjson.dumps({"id": i, "op": "player.update", "args": args}))
+                # Text frames, as clients send them (a binary frame always takes the reader),
+                # paced over a few flushes so the gateway switches ways more than once.
+                await ws.send(orjson.dumps({"id": i, "op": "player.update", "args": args}), text=True)
+                await asyncio.sleep(0.005)
             replies = [orjson.loads(await asyncio.wait_for(ws.recv(), 20)) for _ in range(count)]
         assert [r["id"] for r in replies] == list(range(1, count + 1))
         # Request i was the i-th applied: its reply sees xp == i and its own name.
