@@ -7,12 +7,16 @@ Keys carry a hash tag so a Redis Cluster keeps an actor's keys on one shard:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+import functools
+import hashlib
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple
 
 import hiredis
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from server.tokens import revoked_key
 
@@ -99,11 +103,18 @@ class Store:
         if pool.connection_class is aioredis.Connection:  # not TLS or a Unix socket
             pool.connection_class = _CPackedConnection
         self._redis = aioredis.Redis(connection_pool=pool)
-        self._shas: dict[str, str] = {}  # script text -> its SHA once loaded
+        # The flush loop's writes go on a connection of their own: redis-py's pipeline
+        # (pool checkout, retry wrapper, command stack) cost more than the write itself for a
+        # flush of a few dozen actors, ten times a second per node.
+        self._writer: aioredis.Connection | None = None
+        self._writer_lock = asyncio.Lock()
         self._activations: list[tuple[str, asyncio.Future[tuple[int, bytes | None]]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
+        if self._writer is not None:
+            await self._writer.disconnect()
+            self._writer = None
         await self._redis.aclose(close_connection_pool=True)
 
     async def ping(self) -> bool:
@@ -184,25 +195,30 @@ class Store:
         Calls carry many actors' keys at once, so this needs a single Redis (not a Redis
         Cluster, where the keys of different actors live on different shards).
         """
-        return [r == 1 for r in await self._run_script(CAS_SCRIPT, writes)]
+        return [r == 1 for r in await self._run_script(CAS_SCRIPT, writes, self._run_on_writer)]
 
     async def hand_over(self, writes: Sequence[Write]) -> list[int]:
         """Write each state (fenced, as `write_batch`; an empty blob writes nothing) and take
         the next epoch for its new owner, in one round trip. Returns the new epochs, 0 for
         each actor whose epoch was stale."""
-        return [int(r) for r in await self._run_script(HANDOVER_SCRIPT, writes)]  # type: ignore[call-overload]
+        # Drains hand over to several owners at once: the pool's pipelines run side by side.
+        results = await self._run_script(HANDOVER_SCRIPT, writes, self._run_pipelined)
+        return [int(r) for r in results]  # type: ignore[call-overload]
 
-    async def _run_script(self, script: str, writes: Sequence[Write]) -> list[object]:
+    async def _run_script(self, script: str, writes: Sequence[Write], run: _Runner) -> list[object]:
         if not writes:
             return []
         try:
-            if script not in self._shas:
-                self._shas[script] = await self._redis.script_load(script)
-            results = await self._run_chunks(self._shas[script], writes)
-            if any(isinstance(r, NoScriptError) for r in results):
-                # Redis restarted without its script cache: load it again, redo once.
-                self._shas[script] = await self._redis.script_load(script)
-                results = await self._run_chunks(self._shas[script], writes)
+            results = await run(_script_calls(("EVALSHA", _sha1(script)), writes))
+            missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            if missing:
+                # Not in Redis's script cache (first use, or a restart emptied it): send those
+                # calls again with the script's text, which also caches it. Only those: a
+                # hand-over that ran takes an epoch, and must not take a second.
+                calls = _script_calls(("EVAL", script), writes)
+                redone = await run([calls[i] for i in missing])
+                for i, result in zip(missing, redone, strict=True):
+                    results[i] = result
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
         flat: list[object] = []
@@ -212,14 +228,60 @@ class Store:
             flat.extend(result)  # type: ignore[arg-type]
         return flat
 
-    async def _run_chunks(self, sha: str, writes: Sequence[Write]) -> list[object]:
+    async def _run_pipelined(self, calls: list[tuple[Any, ...]]) -> list[object]:
         async with self._redis.pipeline(transaction=False) as pipe:
-            for start in range(0, len(writes), CAS_CHUNK):
-                chunk = writes[start : start + CAS_CHUNK]
-                keys: list[str] = []
-                args: list[int | bytes] = []
-                for w in chunk:
-                    keys += (epoch_key(w.key), state_key(w.key))
-                    args += (w.epoch, w.blob)
-                pipe.evalsha(sha, len(keys), *keys, *args)
+            for call in calls:
+                pipe.execute_command(*call)
             return list(await pipe.execute(raise_on_error=False))
+
+    async def _run_on_writer(self, calls: list[tuple[Any, ...]]) -> list[object]:
+        """The calls in one write on the writer connection; replies (or errors) in order.
+
+        A connection that Redis closed while it sat idle (a restart, a timeout) fails on
+        first use: then once more on a new one. Fenced writes are idempotent, so a write
+        that did land before the connection broke may land again."""
+        async with self._writer_lock:
+            while True:
+                reused = self._writer is not None
+                conn = self._writer or self._redis.connection_pool.make_connection()
+                self._writer = conn
+                try:
+                    if not conn.is_connected:
+                        await conn.connect()
+                    await conn.send_packed_command(conn.pack_commands(calls), check_health=False)
+                    results: list[object] = []
+                    for _ in calls:
+                        try:
+                            results.append(await conn.read_response())
+                        except ResponseError as exc:  # a script error: the others still answer
+                            results.append(exc)
+                    return results
+                except BaseException as exc:
+                    # Failed or cancelled mid-way: replies may still be on their way, so
+                    # this connection is out of step for good.
+                    self._writer = None
+                    with contextlib.suppress(Exception):
+                        await conn.disconnect(nowait=True)
+                    if not (reused and isinstance(exc, RedisConnectionError)):
+                        raise
+
+
+_Runner = Callable[[list[tuple[Any, ...]]], Awaitable[list[object]]]
+
+
+@functools.cache
+def _sha1(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()  # how Redis names a cached script
+
+
+def _script_calls(command: tuple[str, str], writes: Sequence[Write]) -> list[tuple[Any, ...]]:
+    """Script calls of up to CAS_CHUNK actors each: KEYS epoch, state; ARGV epoch, blob."""
+    calls = []
+    for start in range(0, len(writes), CAS_CHUNK):
+        keys: list[str] = []
+        args: list[int | bytes] = []
+        for w in writes[start : start + CAS_CHUNK]:
+            keys += (epoch_key(w.key), state_key(w.key))
+            args += (w.epoch, w.blob)
+        calls.append((*command, len(keys), *keys, *args))
+    return calls

@@ -1,0 +1,178 @@
+"""Store against a real Redis: fenced writes on the writer connection and its recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from loadtest.harness import free_ports
+from server.cluster import redis_server_binary
+from server.store import CAS_CHUNK, Store, StoreUnavailable, Write, epoch_key, state_key
+from tests.integration.conftest import wait_until
+
+
+class RedisProcess:
+    def __init__(self, tmp_path: Path) -> None:
+        self.port = free_ports(1)[0]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = tmp_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        argv = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1"]
+        argv += ["--dir", str(self.dir), "--save", "", "--appendonly", "no"]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self._ready, 10, "redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_timeout=2)
+
+    def _ready(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except (redis.RedisError, OSError):
+            return False
+
+
+@pytest.fixture
+def rds(tmp_path: Path) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def writes(prefix: str, n: int, epoch: int = 1) -> list[Write]:
+    return [Write(f"player:{prefix}{i}", epoch, f"state {prefix}{i}".encode()) for i in range(n)]
+
+
+def set_epochs(r: redis.Redis, batch: list[Write], epoch: int = 1) -> None:
+    for w in batch:
+        r.set(epoch_key(w.key), epoch)
+
+
+def test_fenced_writes_over_several_chunks_land_only_under_the_current_epoch(rds):
+    r = rds.client()
+    batch = writes("a", 2 * CAS_CHUNK + 5)
+    set_epochs(r, batch)
+    r.set(epoch_key(batch[7].key), 2)  # a newer activation elsewhere fenced this one
+
+    async def main():
+        store = Store(rds.url)
+        try:
+            return await store.write_batch(batch)
+        finally:
+            await store.close()
+
+    results = asyncio.run(main())
+    assert results == [i != 7 for i in range(len(batch))]
+    assert r.get(state_key(batch[7].key)) is None
+    assert r.get(state_key(batch[-1].key)) == batch[-1].blob
+
+
+def test_a_writer_connection_killed_while_idle_is_replaced_without_a_failed_flush(rds):
+    r = rds.client()
+    batch = writes("b", 3)
+    set_epochs(r, batch)
+
+    async def main():
+        store = Store(rds.url)
+        try:
+            assert await store.write_batch(batch) == [True] * 3
+            killed = r.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            assert killed >= 1
+            assert await store.write_batch(batch) == [True] * 3
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_script_cache_flushed_by_a_restart_is_loaded_again(rds):
+    r = rds.client()
+    batch = writes("c", 2)
+    set_epochs(r, batch)
+
+    async def main():
+        store = Store(rds.url)
+        try:
+            assert await store.write_batch(batch) == [True, True]
+            r.script_flush()
+            assert await store.write_batch(writes("c", 2)) == [True, True]
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_redis_down_raises_store_unavailable_and_writes_resume_when_it_is_back(rds):
+    batch = writes("d", 2)
+    set_epochs(rds.client(), batch)
+
+    async def main():
+        store = Store(rds.url, timeout=1.0)
+        try:
+            assert await store.write_batch(batch) == [True, True]
+            rds.stop()
+            with pytest.raises(StoreUnavailable):
+                await store.write_batch(batch)
+            rds.start()
+            set_epochs(rds.client(), batch)  # no persistence: the restart lost the epochs
+            assert await store.write_batch(batch) == [True, True]
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_write_cancelled_before_its_reply_does_not_put_the_next_write_out_of_step(rds):
+    r = rds.client()
+    first = writes("e", 3)
+    set_epochs(r, first)
+    stale = writes("f", 1, epoch=1)
+    set_epochs(r, stale, epoch=5)  # refused: the one reply is [0]
+
+    async def main():
+        store = Store(rds.url)
+        try:
+            assert await store.write_batch(first) == [True] * 3
+            r.execute_command("CLIENT", "PAUSE", 300, "ALL")  # the next reply comes late
+            task = asyncio.create_task(store.write_batch(first))
+            await asyncio.sleep(0.05)  # sent, waiting for its reply
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            # Over the old connection this would read the cancelled write's [1, 1, 1].
+            assert await store.write_batch(stale) == [False]
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_hand_over_on_a_fresh_redis_takes_each_epoch_once(rds):
+    r = rds.client()
+    batch = writes("g", CAS_CHUNK + 3)
+    set_epochs(r, batch)
+
+    async def main():
+        store = Store(rds.url)
+        try:
+            return await store.hand_over(batch)  # first use: the script is not cached yet
+        finally:
+            await store.close()
+
+    assert asyncio.run(main()) == [2] * len(batch)
+    assert {int(r.get(epoch_key(w.key))) for w in batch} == {2}
+    assert r.get(state_key(batch[-1].key)) == batch[-1].blob
