@@ -77,8 +77,8 @@ bench: $(STAMP)
 	$(BIN)/python -m loadtest.bench $(BENCH_ARGS)
 
 BASE ?= HEAD~1
-cpu-ab: $(STAMP) ## CPU per request of this checkout against BASE, measured in turns
-	$(BIN)/python -m loadtest.cpu_ab --base $(BASE)
+cpu-ab: $(STAMP) ## CPU per request of this checkout against BASE, both clusters side by side
+	$(BIN)/python -m loadtest.cpu_ab --side-by-side --base $(BASE)
 
 .PHONY: dashboard
 dashboard: $(STAMP) ## print the operator dashboard's URL with the admin token
