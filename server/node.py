@@ -13,7 +13,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -334,20 +334,13 @@ class Node:
             return
         seq = frame.seq
         payload = frame.payload
+        act = self.runtime.ready(session.actor)
+        if act is not None:  # the usual case: the actor is here and idle
+            self.runtime.end_turn(act, self._serve(link, session, act, seq, payload))
+            return
 
         def work(act: Activation) -> Any:
-            session.last_seq = seq
-            try:
-                request = parse_request(payload)
-            except RingsideError as exc:
-                link.send(
-                    Kind.REPLY, session.id, seq, self._durable(act, seq), error_reply(exc.request_id, exc)
-                )
-                return None
-            if request.op in GAME_OPS:
-                return self._game_request(link, session, act, seq, request)
-            link.send(Kind.REPLY, session.id, seq, *self._handle(act, seq, request))
-            return None
+            return self._serve(link, session, act, seq, payload)
 
         def failed(error: RingsideError) -> None:
             if isinstance(error, ActorMoved):
@@ -368,6 +361,21 @@ class Node:
             self.runtime.deliver(session.actor, work, failed)
         except RingsideError as exc:
             failed(exc)
+
+    def _serve(
+        self, link: Link, session: NodeSession, act: Activation, seq: int, payload: bytes
+    ) -> Coroutine[Any, Any, None] | None:
+        """One client request, in the actor's turn; a game request returns what to await."""
+        session.last_seq = seq
+        try:
+            request = parse_request(payload)
+        except RingsideError as exc:
+            link.send(Kind.REPLY, session.id, seq, self._durable(act, seq), error_reply(exc.request_id, exc))
+            return None
+        if request.op in GAME_OPS:
+            return self._game_request(link, session, act, seq, request)
+        link.send(Kind.REPLY, session.id, seq, *self._handle(act, seq, request))
+        return None
 
     def _durable(self, act: Activation, seq: int) -> int:
         return act.flushed_seq if self.wb.is_dirty(act.key) else seq
