@@ -108,13 +108,16 @@ class Store:
         # flush of a few dozen actors, ten times a second per node.
         self._writer: aioredis.Connection | None = None
         self._writer_lock = asyncio.Lock()
+        self._closed = False
         self._activations: list[tuple[str, asyncio.Future[tuple[int, bytes | None]]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
-        if self._writer is not None:
-            await self._writer.disconnect()
-            self._writer = None
+        self._closed = True  # a write under way does not open a new connection now
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                await writer.disconnect(nowait=True)
         await self._redis.aclose(close_connection_pool=True)
 
     async def ping(self) -> bool:
@@ -209,14 +212,17 @@ class Store:
         if not writes:
             return []
         try:
-            results = await run(_script_calls(("EVALSHA", _sha1(script)), writes))
+            calls = _script_calls(_sha1(script), writes)
+            results = await run(calls)
             missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
             if missing:
-                # Not in Redis's script cache (first use, or a restart emptied it): send those
-                # calls again with the script's text, which also caches it. Only those: a
-                # hand-over that ran takes an epoch, and must not take a second.
-                calls = _script_calls(("EVAL", script), writes)
-                redone = await run([calls[i] for i in missing])
+                # Not in Redis's script cache (first use, or a restart emptied it): load it
+                # and send those calls again, in one round trip. Only those: a hand-over that
+                # ran took an epoch, and must not take a second. (SCRIPT LOAD, not EVAL: from
+                # Redis 7.4 on, scripts cached by EVAL may be evicted.)
+                loaded, *redone = await run([("SCRIPT", "LOAD", script), *(calls[i] for i in missing)])
+                if isinstance(loaded, Exception):
+                    raise StoreUnavailable(f"SCRIPT LOAD failed: {loaded}")
                 for i, result in zip(missing, redone, strict=True):
                     results[i] = result
         except (RedisError, OSError) as exc:
@@ -242,6 +248,8 @@ class Store:
         that did land before the connection broke may land again."""
         async with self._writer_lock:
             while True:
+                if self._closed:
+                    raise StoreUnavailable("store closed")
                 reused = self._writer is not None
                 conn = self._writer or self._redis.connection_pool.make_connection()
                 self._writer = conn
@@ -274,8 +282,8 @@ def _sha1(script: str) -> str:
     return hashlib.sha1(script.encode()).hexdigest()  # how Redis names a cached script
 
 
-def _script_calls(command: tuple[str, str], writes: Sequence[Write]) -> list[tuple[Any, ...]]:
-    """Script calls of up to CAS_CHUNK actors each: KEYS epoch, state; ARGV epoch, blob."""
+def _script_calls(sha: str, writes: Sequence[Write]) -> list[tuple[Any, ...]]:
+    """EVALSHA calls of up to CAS_CHUNK actors each: KEYS epoch, state; ARGV epoch, blob."""
     calls = []
     for start in range(0, len(writes), CAS_CHUNK):
         keys: list[str] = []
@@ -283,5 +291,5 @@ def _script_calls(command: tuple[str, str], writes: Sequence[Write]) -> list[tup
         for w in writes[start : start + CAS_CHUNK]:
             keys += (epoch_key(w.key), state_key(w.key))
             args += (w.epoch, w.blob)
-        calls.append((*command, len(keys), *keys, *args))
+        calls.append(("EVALSHA", sha, len(keys), *keys, *args))
     return calls

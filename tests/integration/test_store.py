@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +14,7 @@ import redis
 
 from loadtest.harness import free_ports
 from server.cluster import redis_server_binary
-from server.store import CAS_CHUNK, Store, StoreUnavailable, Write, epoch_key, state_key
+from server.store import CAS_CHUNK, HANDOVER_SCRIPT, Store, StoreUnavailable, Write, epoch_key, state_key
 from tests.integration.conftest import wait_until
 
 
@@ -53,6 +55,16 @@ def rds(tmp_path: Path) -> Iterator[RedisProcess]:
     server.stop()
 
 
+def run(coro):
+    """asyncio.run, bounded: a write that hangs fails the test instead of stalling the suite."""
+
+    async def bounded():
+        async with asyncio.timeout(30):
+            return await coro
+
+    return asyncio.run(bounded())
+
+
 def writes(prefix: str, n: int, epoch: int = 1) -> list[Write]:
     return [Write(f"player:{prefix}{i}", epoch, f"state {prefix}{i}".encode()) for i in range(n)]
 
@@ -75,7 +87,7 @@ def test_fenced_writes_over_several_chunks_land_only_under_the_current_epoch(rds
         finally:
             await store.close()
 
-    results = asyncio.run(main())
+    results = run(main())
     assert results == [i != 7 for i in range(len(batch))]
     assert r.get(state_key(batch[7].key)) is None
     assert r.get(state_key(batch[-1].key)) == batch[-1].blob
@@ -96,7 +108,7 @@ def test_a_writer_connection_killed_while_idle_is_replaced_without_a_failed_flus
         finally:
             await store.close()
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_a_script_cache_flushed_by_a_restart_is_loaded_again(rds):
@@ -113,7 +125,7 @@ def test_a_script_cache_flushed_by_a_restart_is_loaded_again(rds):
         finally:
             await store.close()
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_redis_down_raises_store_unavailable_and_writes_resume_when_it_is_back(rds):
@@ -133,7 +145,7 @@ def test_redis_down_raises_store_unavailable_and_writes_resume_when_it_is_back(r
         finally:
             await store.close()
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_a_write_cancelled_before_its_reply_does_not_put_the_next_write_out_of_step(rds):
@@ -158,7 +170,7 @@ def test_a_write_cancelled_before_its_reply_does_not_put_the_next_write_out_of_s
         finally:
             await store.close()
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_a_hand_over_on_a_fresh_redis_takes_each_epoch_once(rds):
@@ -173,6 +185,80 @@ def test_a_hand_over_on_a_fresh_redis_takes_each_epoch_once(rds):
         finally:
             await store.close()
 
-    assert asyncio.run(main()) == [2] * len(batch)
+    assert run(main()) == [2] * len(batch)
     assert {int(r.get(epoch_key(w.key))) for w in batch} == {2}
     assert r.get(state_key(batch[-1].key)) == batch[-1].blob
+
+
+def test_a_script_lost_between_chunks_redoes_only_the_chunks_that_did_not_run(rds):
+    r = rds.client()
+    batch = writes("h", 2 * CAS_CHUNK + 3)  # three chunks
+    set_epochs(r, batch)
+    r.script_load(HANDOVER_SCRIPT)
+
+    async def main():
+        store = Store(rds.url)
+        real = store._run_pipelined
+        first = True
+
+        async def flush_after_the_first_chunk(calls):
+            nonlocal first
+            if not first:
+                return await real(calls)
+            first = False  # a restart's empty script cache, between chunk 1 and chunk 2
+            out = await real([calls[0], ("SCRIPT", "FLUSH"), *calls[1:]])
+            return [out[0], *out[2:]]
+
+        store._run_pipelined = flush_after_the_first_chunk
+        try:
+            return await store.hand_over(batch)
+        finally:
+            await store.close()
+
+    assert run(main()) == [2] * len(batch)  # the first chunk's epochs, taken once
+    assert {int(r.get(epoch_key(w.key))) for w in batch} == {2}
+    # Loaded with SCRIPT LOAD (kept), not EVAL (evictable from Redis 7.4 on).
+    stats = r.info("commandstats")
+    assert "cmdstat_script" in stats and "cmdstat_eval" not in stats, sorted(stats)
+
+
+def test_a_hung_redis_gives_store_unavailable_within_the_timeout(rds):
+    batch = writes("i", 2)
+    set_epochs(rds.client(), batch)
+
+    async def main():
+        store = Store(rds.url, timeout=1.0)
+        try:
+            assert await store.write_batch(batch) == [True, True]
+            os.kill(rds.proc.pid, signal.SIGSTOP)
+            try:
+                async with asyncio.timeout(5):
+                    with pytest.raises(StoreUnavailable):
+                        await store.write_batch(batch)
+            finally:
+                os.kill(rds.proc.pid, signal.SIGCONT)
+            assert await store.write_batch(batch) == [True, True]
+        finally:
+            await store.close()
+
+    run(main())
+
+
+def test_closing_the_store_during_a_write_leaves_no_connection_open(rds):
+    r = rds.client()
+    batch = writes("j", 3)
+    set_epochs(r, batch)
+
+    async def main():
+        store = Store(rds.url)
+        assert await store.write_batch(batch) == [True] * 3
+        r.execute_command("CLIENT", "PAUSE", 300, "ALL")
+        task = asyncio.create_task(store.write_batch(batch))
+        await asyncio.sleep(0.05)  # sent, waiting for its reply
+        await store.close()
+        with pytest.raises(StoreUnavailable):
+            await task
+
+    run(main())
+    clients = r.client_list()
+    assert len(clients) == 1, clients  # this test's own
