@@ -16,7 +16,9 @@ baseline's latency phase uses the same number. The other phases use one generato
 Figures (issue 6):
  1-3. closed-loop throughput, and server CPU per request at a fixed rate (CPU seconds of
       gateway + all nodes from /proc/<pid>/stat; Redis shown apart) vs the echo's CPU per
-      message at the same rate and session count: the headline ratio (target <= 2x).
+      message at the same rate and session count: the headline ratio (target <= 2x). The
+      echo and Ringside run this phase side by side (each from a generator process of its
+      own, started at one instant), three times; each time's ratio is shown too.
  4.   latency at a fixed rate over many sessions: p50 / p99 / max, echo alongside (target p99 < 2 ms).
  5.   memory: RSS delta per idle session at the gateway (vs the echo's per idle connection,
       target < 20 KiB) and per idle player actor at the nodes (target < 2 KiB), and per game
@@ -46,6 +48,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -739,6 +742,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     games_n = 50 if quick else 250
     cold_n = 200 if quick else 500
     fixed_sessions, fixed_rate = 200, 2000
+    cpu_pairs = 3
     lat_sessions, lat_rate = (500, 2500) if quick else (1000, 5000)
     flush_states = 20_000 if quick else 100_000
 
@@ -824,71 +828,96 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         gen("close")
         time.sleep(0.5)
 
-        # -- 1-4: echo baseline -------------------------------------------------
-        log(f"echo baseline: {fixed_sessions} connections")
-        gen("open", url=echo_url, players=players("e", fixed_sessions))
-        e_closed = gen("closed", seconds=closed_s)
-        c0, sc0 = cpu_seconds(echo.pid), syscalls(echo.pid)
-        e_fixed = gen("rate", rate=fixed_rate, seconds=phase_s)
-        e_cpu = cpu_seconds(echo.pid) - c0
-        e_sys = syscalls(echo.pid) - sc0
+        # -- 4, echo: latency at a fixed rate over many connections --------------
         log(f"echo baseline: {lat_sessions} connections over {len(pool)} generator processes")
-        pool.open(url=echo_url, players=players("e2-", lat_sessions - fixed_sessions))
+        pool.open(url=echo_url, players=players("e2-", lat_sessions))
         e_lat = pool.rate(rate=lat_rate, seconds=phase_s)
         pool.close()
+
+        # -- 1-3, 6: closed loop, then CPU per request side by side ---------------
+        # The echo's connections are on a generator of their own, so that both fixed-rate
+        # phases run at once: the machine's load moves CPU-per-request figures by 10-20 %
+        # from one minute to the next, and a ratio of two figures taken a minute apart
+        # carries that; two taken in the same seconds do not.
+        echo_gen = GenProcess()
+        try:
+            log(f"echo baseline: {fixed_sessions} connections")
+            echo_gen("open", url=echo_url, players=players("e", fixed_sessions))
+            e_closed = echo_gen("closed", seconds=closed_s)
+            log(f"ringside: {fixed_sessions} sessions")
+            gen("open", url=url, secret=secret, players=players("hot", fixed_sessions), update=True)
+            r_closed = gen("closed", seconds=closed_s)
+            time.sleep(0.5)
+            log(f"CPU per request: echo and ringside at {fixed_rate:,}/s each, side by side, x{cpu_pairs}")
+            names = [*server_names, "redis"]
+            c0 = {n: cpu_seconds(pids[n]) for n in names}  # type: ignore[arg-type]
+            sc0 = {n: syscalls(pids[n]) for n in server_names}  # type: ignore[arg-type]
+            ec0, esc0 = cpu_seconds(echo.pid), syscalls(echo.pid)
+            rc0 = redis_counts(rds)
+            f0 = flush_counts(cluster, config.node_names)
+            profilers = (
+                start_profilers(
+                    {"gateway": pids["gateway"], "n1": pids["n1"]},
+                    cpu_pairs * (phase_s + 1.5),
+                    workdir,  # type: ignore[dict-item]
+                )
+                if args.profile
+                else []
+            )
+            pairs = []
+            e_answered = r_answered = 0
+            for _ in range(cpu_pairs):
+                at = time.monotonic() + 0.25
+                p0 = {n: cpu_seconds(pids[n]) for n in server_names}  # type: ignore[arg-type]
+                pe0 = cpu_seconds(echo.pid)
+                echo_gen.send("rate", rate=fixed_rate, seconds=phase_s, start_at=at)
+                gen.send("rate", rate=fixed_rate, seconds=phase_s, start_at=at)
+                e_fixed, r_fixed = echo_gen.recv("rate"), gen.recv("rate")
+                e_n, r_n = max(1, e_fixed["answered_all"]), max(1, r_fixed["answered_all"])
+                e_answered += e_n
+                r_answered += r_n
+                ours = sum(cpu_seconds(pids[n]) - p0[n] for n in server_names) / r_n * 1e6  # type: ignore[arg-type]
+                theirs = (cpu_seconds(echo.pid) - pe0) / e_n * 1e6
+                pairs.append(
+                    {"ringside_us": ours, "echo_us": theirs, "ratio": ours / theirs if theirs else 0.0}
+                )
+            c1 = {n: cpu_seconds(pids[n]) for n in names}  # type: ignore[arg-type]
+            sc1 = {n: syscalls(pids[n]) for n in server_names}  # type: ignore[arg-type]
+            ec1, esc1 = cpu_seconds(echo.pid), syscalls(echo.pid)
+            time.sleep(0.3)  # the last flush
+            rc1 = redis_counts(rds)
+            f1 = flush_counts(cluster, config.node_names)
+            echo_gen("close")
+        finally:
+            echo_gen.stop()
         out["echo"] = {
             "closed": e_closed,
-            "fixed": e_fixed,
-            "cpu_us_per_msg": e_cpu / max(1, e_fixed["answered_all"]) * 1e6,
-            "syscalls_per_msg": e_sys / max(1, e_fixed["answered_all"]),
+            "fixed": e_fixed,  # the last pair's
+            "cpu_us_per_msg": (ec1 - ec0) / e_answered * 1e6,
+            "syscalls_per_msg": (esc1 - esc0) / e_answered,
             "latency": e_lat,
         }
-
-        # -- 1-4, 6: Ringside -------------------------------------------------
-        log(f"ringside: {fixed_sessions} sessions")
-        gen("open", url=url, secret=secret, players=players("hot", fixed_sessions), update=True)
-        r_closed = gen("closed", seconds=closed_s)
-        time.sleep(0.5)
-        c0 = {n: cpu_seconds(pids[n]) for n in [*server_names, "redis"]}  # type: ignore[arg-type]
-        sc0 = {n: syscalls(pids[n]) for n in server_names}  # type: ignore[arg-type]
-        rc0 = redis_counts(rds)
-        f0 = flush_counts(cluster, config.node_names)
-        profilers = (
-            start_profilers(
-                {"gateway": pids["gateway"], "n1": pids["n1"]},
-                phase_s,
-                workdir,  # type: ignore[dict-item]
-            )
-            if args.profile
-            else []
-        )
-        r_fixed = gen("rate", rate=fixed_rate, seconds=phase_s)
-        c1 = {n: cpu_seconds(pids[n]) for n in [*server_names, "redis"]}  # type: ignore[arg-type]
-        sc1 = {n: syscalls(pids[n]) for n in server_names}  # type: ignore[arg-type]
-        time.sleep(0.3)  # the last flush
-        rc1 = redis_counts(rds)
-        f1 = flush_counts(cluster, config.node_names)
-        answered = max(1, r_fixed["answered_all"])
-        per = {n: (c1[n] - c0[n]) / answered * 1e6 for n in c0}
+        per = {n: (c1[n] - c0[n]) / r_answered * 1e6 for n in c0}
         server_us = sum(per[n] for n in server_names)
         out["ringside"] = {
             "closed": r_closed,
-            "fixed": r_fixed,
+            "fixed": r_fixed,  # the last pair's
             "cpu_us_per_req": per,
             "cpu_us_per_req_server": server_us,
-            "syscalls_per_req": {n: (sc1[n] - sc0[n]) / answered for n in server_names},
+            "syscalls_per_req": {n: (sc1[n] - sc0[n]) / r_answered for n in server_names},
+            "cpu_pairs": pairs,
         }
         out["write_behind"] = {
             "evalsha_per_1000": (rc1["evalsha"] + rc1["eval"] - rc0["evalsha"] - rc0["eval"])
-            / answered
+            / r_answered
             * 1000,
-            "redis_commands_per_1000": (rc1["total"] - rc0["total"]) / answered * 1000,
-            "redis_reads_per_1000": (rc1["reads"] - rc0["reads"]) / answered * 1000,
-            "flush_histogram_count_per_1000": (f1 - f0) / answered * 1000,
+            "redis_commands_per_1000": (rc1["total"] - rc0["total"]) / r_answered * 1000,
+            "redis_reads_per_1000": (rc1["reads"] - rc0["reads"]) / r_answered * 1000,
+            "flush_histogram_count_per_1000": (f1 - f0) / r_answered * 1000,
         }
         for name, proc in profilers:
             try:
-                proc.wait(phase_s + 15)
+                proc.wait(cpu_pairs * (phase_s + 1.5) + 15)
             except subprocess.TimeoutExpired:
                 proc.kill()
             out.setdefault("profile", {})[name] = profile_top(workdir / f"profile-{name}.txt")
@@ -1015,6 +1044,17 @@ def table(r: dict[str, Any]) -> str:
             "",
         )
     )
+    ratios = sorted(p["ratio"] for p in s.get("cpu_pairs", []))
+    if ratios:
+        rows.append(
+            (
+                "  ratio, each side-by-side run (lowest / median / highest)",
+                "",
+                "",
+                f"{ratios[0]:.2f} / {statistics.median(ratios):.2f} / {ratios[-1]:.2f}",
+                "",
+            )
+        )
     sys_per = s["syscalls_per_req"]
     rows.append(
         (
