@@ -879,7 +879,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ours = sum(cpu_seconds(pids[n]) - p0[n] for n in server_names) / r_n * 1e6  # type: ignore[arg-type]
                 theirs = (cpu_seconds(echo.pid) - pe0) / e_n * 1e6
                 pairs.append(
-                    {"ringside_us": ours, "echo_us": theirs, "ratio": ours / theirs if theirs else 0.0}
+                    {
+                        "ringside_us": ours,
+                        "echo_us": theirs,
+                        "ratio": ours / theirs if theirs else 0.0,
+                        "late_sends": [e_fixed["late_sends"], r_fixed["late_sends"]],  # echo, ringside
+                        "errors": [e_fixed["errors"], r_fixed["errors"]],
+                        "unanswered": [e_fixed["unanswered"], r_fixed["unanswered"]],
+                    }
                 )
             c1 = {n: cpu_seconds(pids[n]) for n in names}  # type: ignore[arg-type]
             sc1 = {n: syscalls(pids[n]) for n in server_names}  # type: ignore[arg-type]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import statistics
@@ -84,7 +85,8 @@ def measure(
             at = None if start_at is None else start_at + phase * period
             if at is not None:
                 if at < time.monotonic():
-                    raise RuntimeError("set-up took past the shared start; give it more time")
+                    what = "set-up" if phase == 0 else f"phase {phase}"
+                    raise RuntimeError(f"{what} ran past the shared start of phase {phase + 1}")
                 time.sleep(max(0.0, at - time.monotonic() - 0.05))
             before = {n: cpu_seconds(p) for n, p in pids.items()}  # type: ignore[arg-type]
             result = pool[0]("rate", rate=rate, seconds=seconds, start_at=at)
@@ -108,8 +110,11 @@ def measure(
 def start_in(checkout: Path, args: argparse.Namespace, *extra: str) -> subprocess.Popen[str]:
     command = [sys.executable, str(ROOT / "loadtest" / "cpu_ab.py"), "measure"]
     command += ["--seconds", str(args.seconds), "--sessions", str(args.sessions), "--rate", str(args.rate)]
+    # Each side's cluster runs its own embedded Redis: an exported REDIS_URL would put both on
+    # one Redis, where the sides' identical player keys would fence each other.
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("RINGSIDE_")}
     return subprocess.Popen(
-        [*command, *extra], cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*command, *extra], cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
 
 
@@ -146,7 +151,7 @@ def in_turns(sides: dict[str, Path], args: argparse.Namespace) -> None:
 
 
 def side_by_side(sides: dict[str, Path], args: argparse.Namespace) -> None:
-    period = args.seconds + 1.0 + 4.0  # the phase, its warm-up, the drain and a margin
+    period = args.seconds + 1.0 + 5.0 + 2.0  # warm-up, phase, the generator's drain bound, margin
     start_at = time.monotonic() + SET_UP_S
     extra = ("--phases", str(args.pairs), "--start-at", repr(start_at), "--period", str(period))
     print(
@@ -156,7 +161,16 @@ def side_by_side(sides: dict[str, Path], args: argparse.Namespace) -> None:
     )
     children = {name: start_in(path, args, *extra) for name, path in sides.items()}
     timeout = SET_UP_S + args.pairs * period + 120
-    ours, base = (results_of(child, sides[name], timeout) for name, child in children.items())
+    try:
+        ours, base = (results_of(child, sides[name], timeout) for name, child in children.items())
+    finally:
+        for child in children.values():  # one side failed: the other must not run on alone
+            if child.poll() is None:
+                child.terminate()  # SIGTERM: it takes its cluster down before it exits
+                try:
+                    child.communicate(timeout=60)
+                except subprocess.TimeoutExpired:
+                    child.kill()
     ratios = []
     for i, (a, b) in enumerate(zip(ours, base, strict=True)):
         ratios.append(a["total_us"] / b["total_us"])

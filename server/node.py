@@ -365,7 +365,9 @@ class Node:
     def _serve(
         self, link: Link, session: NodeSession, act: Activation, seq: int, payload: bytes
     ) -> Coroutine[Any, Any, None] | None:
-        """One client request, in the actor's turn; a game request returns what to await."""
+        """One client request, in the actor's turn; a game request returns what to await.
+        Every RingsideError becomes the client's reply in here: the fast path in
+        `_on_request` has no `failed` to hand one to."""
         session.last_seq = seq
         try:
             request = parse_request(payload)

@@ -256,6 +256,8 @@ class Store:
                 try:
                     if not conn.is_connected:
                         await conn.connect()
+                        if self._writer is not conn:  # closed while connecting
+                            raise StoreUnavailable("store closed")
                     await conn.send_packed_command(conn.pack_commands(calls), check_health=False)
                     results: list[object] = []
                     for _ in calls:

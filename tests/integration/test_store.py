@@ -262,3 +262,22 @@ def test_closing_the_store_during_a_write_leaves_no_connection_open(rds):
     run(main())
     clients = r.client_list()
     assert len(clients) == 1, clients  # this test's own
+
+
+def test_closing_the_store_during_its_first_write_leaves_no_connection_open(rds):
+    r = rds.client()
+    batch = writes("k", 2)
+    set_epochs(r, batch)
+
+    async def main():
+        store = Store(rds.url)
+        r.execute_command("CLIENT", "PAUSE", 300, "ALL")  # a new writer connection, its write waits
+        task = asyncio.create_task(store.write_batch(batch))
+        await asyncio.sleep(0.05)
+        await store.close()
+        with pytest.raises(StoreUnavailable):
+            await task
+
+    run(main())
+    clients = r.client_list()
+    assert len(clients) == 1, clients
