@@ -74,6 +74,16 @@ def set_epochs(r: redis.Redis, batch: list[Write], epoch: int = 1) -> None:
         r.set(epoch_key(w.key), epoch)
 
 
+async def start_a_held_write(store: Store, batch: list[Write], r: redis.Redis) -> asyncio.Task[list[bool]]:
+    """A write whose reply Redis holds back (CLIENT PAUSE, 300 ms). The 50 ms wait lets it
+    leave for Redis first; were it still unsent, the tests using this would pass without
+    exercising their case, never fail for it."""
+    r.execute_command("CLIENT", "PAUSE", 300, "ALL")
+    task = asyncio.create_task(store.write_batch(batch))
+    await asyncio.sleep(0.05)
+    return task
+
+
 def test_fenced_writes_over_several_chunks_land_only_under_the_current_epoch(rds):
     r = rds.client()
     batch = writes("a", 2 * CAS_CHUNK + 5)
@@ -159,9 +169,7 @@ def test_a_write_cancelled_before_its_reply_does_not_put_the_next_write_out_of_s
         store = Store(rds.url)
         try:
             assert await store.write_batch(first) == [True] * 3
-            r.execute_command("CLIENT", "PAUSE", 300, "ALL")  # the next reply comes late
-            task = asyncio.create_task(store.write_batch(first))
-            await asyncio.sleep(0.05)  # sent, waiting for its reply
+            task = await start_a_held_write(store, first, r)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -244,17 +252,17 @@ def test_a_hung_redis_gives_store_unavailable_within_the_timeout(rds):
     run(main())
 
 
-def test_closing_the_store_during_a_write_leaves_no_connection_open(rds):
+@pytest.mark.parametrize("first_write", [False, True], ids=["reused connection", "new connection"])
+def test_closing_the_store_during_a_write_leaves_no_connection_open(rds, first_write):
     r = rds.client()
     batch = writes("j", 3)
     set_epochs(r, batch)
 
     async def main():
         store = Store(rds.url)
-        assert await store.write_batch(batch) == [True] * 3
-        r.execute_command("CLIENT", "PAUSE", 300, "ALL")
-        task = asyncio.create_task(store.write_batch(batch))
-        await asyncio.sleep(0.05)  # sent, waiting for its reply
+        if not first_write:
+            assert await store.write_batch(batch) == [True] * 3
+        task = await start_a_held_write(store, batch, r)
         await store.close()
         with pytest.raises(StoreUnavailable):
             await task
@@ -262,22 +270,3 @@ def test_closing_the_store_during_a_write_leaves_no_connection_open(rds):
     run(main())
     clients = r.client_list()
     assert len(clients) == 1, clients  # this test's own
-
-
-def test_closing_the_store_during_its_first_write_leaves_no_connection_open(rds):
-    r = rds.client()
-    batch = writes("k", 2)
-    set_epochs(r, batch)
-
-    async def main():
-        store = Store(rds.url)
-        r.execute_command("CLIENT", "PAUSE", 300, "ALL")  # a new writer connection, its write waits
-        task = asyncio.create_task(store.write_batch(batch))
-        await asyncio.sleep(0.05)
-        await store.close()
-        with pytest.raises(StoreUnavailable):
-            await task
-
-    run(main())
-    clients = r.client_list()
-    assert len(clients) == 1, clients
