@@ -843,10 +843,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             log(f"echo baseline: {fixed_sessions} connections")
             echo_gen("open", url=echo_url, players=players("e", fixed_sessions))
+            ec = cpu_seconds(echo.pid)
             e_closed = echo_gen("closed", seconds=closed_s)
+            e_closed["cpu_us_per_msg"] = (cpu_seconds(echo.pid) - ec) / max(1, e_closed["requests"]) * 1e6
             log(f"ringside: {fixed_sessions} sessions")
             gen("open", url=url, secret=secret, players=players("hot", fixed_sessions), update=True)
+            rc = sum(cpu_seconds(pids[n]) for n in server_names)  # type: ignore[arg-type]
             r_closed = gen("closed", seconds=closed_s)
+            r_closed["cpu_us_per_req"] = (
+                (sum(cpu_seconds(pids[n]) for n in server_names) - rc) / max(1, r_closed["requests"]) * 1e6  # type: ignore[arg-type]
+            )
             time.sleep(0.5)
             log(f"CPU per request: echo and ringside at {fixed_rate:,}/s each, side by side, x{cpu_pairs}")
             names = [*server_names, "redis"]
@@ -1051,6 +1057,16 @@ def table(r: dict[str, Any]) -> str:
             "",
         )
     )
+    if "cpu_us_per_req" in s["closed"]:
+        rows.append(
+            (
+                "  in the closed loop (each as fast as it goes, one after the other) (us)",
+                f"{s['closed']['cpu_us_per_req']:.1f}",
+                f"{e['closed']['cpu_us_per_msg']:.1f}",
+                ratio(s["closed"]["cpu_us_per_req"], e["closed"]["cpu_us_per_msg"]),
+                "",
+            )
+        )
     ratios = sorted(p["ratio"] for p in s.get("cpu_pairs", []))
     if ratios:
         rows.append(
