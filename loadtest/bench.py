@@ -1057,16 +1057,6 @@ def table(r: dict[str, Any]) -> str:
             "",
         )
     )
-    if "cpu_us_per_req" in s["closed"]:
-        rows.append(
-            (
-                "  in the closed loop (each as fast as it goes, one after the other) (us)",
-                f"{s['closed']['cpu_us_per_req']:.1f}",
-                f"{e['closed']['cpu_us_per_msg']:.1f}",
-                ratio(s["closed"]["cpu_us_per_req"], e["closed"]["cpu_us_per_msg"]),
-                "",
-            )
-        )
     ratios = sorted(p["ratio"] for p in s.get("cpu_pairs", []))
     if ratios:
         rows.append(
@@ -1097,6 +1087,16 @@ def table(r: dict[str, Any]) -> str:
             "",
         )
     )
+    if "cpu_us_per_req" in s["closed"]:
+        rows.append(
+            (
+                "  in the closed loop (each as fast as it goes, one after the other) (us)",
+                f"{s['closed']['cpu_us_per_req']:.1f}",
+                f"{e['closed']['cpu_us_per_msg']:.1f}",
+                ratio(s["closed"]["cpu_us_per_req"], e["closed"]["cpu_us_per_msg"]),
+                "",
+            )
+        )
     for label, key in (("p50", "p50_ms"), ("p99", "p99_ms"), ("max", "max_ms")):
         a, b = s["latency"]["lat"][key], e["latency"]["lat"][key]
         rows.append(
