@@ -55,14 +55,19 @@ def rds(tmp_path: Path) -> Iterator[RedisProcess]:
     server.stop()
 
 
-def run(coro):
-    """asyncio.run, bounded: a write that hangs fails the test instead of stalling the suite."""
+def on_store(url: str, scenario, **kw):
+    """Run `scenario(store)` on a new Store, closed after; bounded, so that a write that
+    hangs fails the test instead of stalling the suite."""
 
-    async def bounded():
-        async with asyncio.timeout(30):
-            return await coro
+    async def main():
+        store = Store(url, **kw)
+        try:
+            async with asyncio.timeout(30):
+                return await scenario(store)
+        finally:
+            await store.close()
 
-    return asyncio.run(bounded())
+    return asyncio.run(main())
 
 
 def writes(prefix: str, n: int, epoch: int = 1) -> list[Write]:
@@ -90,14 +95,10 @@ def test_fenced_writes_over_several_chunks_land_only_under_the_current_epoch(rds
     set_epochs(r, batch)
     r.set(epoch_key(batch[7].key), 2)  # a newer activation elsewhere fenced this one
 
-    async def main():
-        store = Store(rds.url)
-        try:
-            return await store.write_batch(batch)
-        finally:
-            await store.close()
+    async def scenario(store):
+        return await store.write_batch(batch)
 
-    results = run(main())
+    results = on_store(rds.url, scenario)
     assert results == [i != 7 for i in range(len(batch))]
     assert r.get(state_key(batch[7].key)) is None
     assert r.get(state_key(batch[-1].key)) == batch[-1].blob
@@ -108,17 +109,13 @@ def test_a_writer_connection_killed_while_idle_is_replaced_without_a_failed_flus
     batch = writes("b", 3)
     set_epochs(r, batch)
 
-    async def main():
-        store = Store(rds.url)
-        try:
-            assert await store.write_batch(batch) == [True] * 3
-            killed = r.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
-            assert killed >= 1
-            assert await store.write_batch(batch) == [True] * 3
-        finally:
-            await store.close()
+    async def scenario(store):
+        assert await store.write_batch(batch) == [True] * 3
+        killed = r.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        assert killed >= 1
+        assert await store.write_batch(batch) == [True] * 3
 
-    run(main())
+    on_store(rds.url, scenario)
 
 
 def test_a_script_cache_flushed_by_a_restart_is_loaded_again(rds):
@@ -126,36 +123,28 @@ def test_a_script_cache_flushed_by_a_restart_is_loaded_again(rds):
     batch = writes("c", 2)
     set_epochs(r, batch)
 
-    async def main():
-        store = Store(rds.url)
-        try:
-            assert await store.write_batch(batch) == [True, True]
-            r.script_flush()
-            assert await store.write_batch(writes("c", 2)) == [True, True]
-        finally:
-            await store.close()
+    async def scenario(store):
+        assert await store.write_batch(batch) == [True, True]
+        r.script_flush()
+        assert await store.write_batch(writes("c", 2)) == [True, True]
 
-    run(main())
+    on_store(rds.url, scenario)
 
 
 def test_redis_down_raises_store_unavailable_and_writes_resume_when_it_is_back(rds):
     batch = writes("d", 2)
     set_epochs(rds.client(), batch)
 
-    async def main():
-        store = Store(rds.url, timeout=1.0)
-        try:
-            assert await store.write_batch(batch) == [True, True]
-            rds.stop()
-            with pytest.raises(StoreUnavailable):
-                await store.write_batch(batch)
-            rds.start()
-            set_epochs(rds.client(), batch)  # no persistence: the restart lost the epochs
-            assert await store.write_batch(batch) == [True, True]
-        finally:
-            await store.close()
+    async def scenario(store):
+        assert await store.write_batch(batch) == [True, True]
+        rds.stop()
+        with pytest.raises(StoreUnavailable):
+            await store.write_batch(batch)
+        rds.start()
+        set_epochs(rds.client(), batch)  # no persistence: the restart lost the epochs
+        assert await store.write_batch(batch) == [True, True]
 
-    run(main())
+    on_store(rds.url, scenario, timeout=1.0)
 
 
 def test_a_write_cancelled_before_its_reply_does_not_put_the_next_write_out_of_step(rds):
@@ -165,20 +154,16 @@ def test_a_write_cancelled_before_its_reply_does_not_put_the_next_write_out_of_s
     stale = writes("f", 1, epoch=1)
     set_epochs(r, stale, epoch=5)  # refused: the one reply is [0]
 
-    async def main():
-        store = Store(rds.url)
-        try:
-            assert await store.write_batch(first) == [True] * 3
-            task = await start_a_held_write(store, first, r)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            # Over the old connection this would read the cancelled write's [1, 1, 1].
-            assert await store.write_batch(stale) == [False]
-        finally:
-            await store.close()
+    async def scenario(store):
+        assert await store.write_batch(first) == [True] * 3
+        task = await start_a_held_write(store, first, r)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # Over the old connection this would read the cancelled write's [1, 1, 1].
+        assert await store.write_batch(stale) == [False]
 
-    run(main())
+    on_store(rds.url, scenario)
 
 
 def test_a_hand_over_on_a_fresh_redis_takes_each_epoch_once(rds):
@@ -186,14 +171,10 @@ def test_a_hand_over_on_a_fresh_redis_takes_each_epoch_once(rds):
     batch = writes("g", CAS_CHUNK + 3)
     set_epochs(r, batch)
 
-    async def main():
-        store = Store(rds.url)
-        try:
-            return await store.hand_over(batch)  # first use: the script is not cached yet
-        finally:
-            await store.close()
+    async def scenario(store):
+        return await store.hand_over(batch)  # first use: the script is not cached yet
 
-    assert run(main()) == [2] * len(batch)
+    assert on_store(rds.url, scenario) == [2] * len(batch)
     assert {int(r.get(epoch_key(w.key))) for w in batch} == {2}
     assert r.get(state_key(batch[-1].key)) == batch[-1].blob
 
@@ -204,8 +185,7 @@ def test_a_script_lost_between_chunks_redoes_only_the_chunks_that_did_not_run(rd
     set_epochs(r, batch)
     r.script_load(HANDOVER_SCRIPT)
 
-    async def main():
-        store = Store(rds.url)
+    async def scenario(store):
         real = store._run_pipelined
         first = True
 
@@ -218,12 +198,9 @@ def test_a_script_lost_between_chunks_redoes_only_the_chunks_that_did_not_run(rd
             return [out[0], *out[2:]]
 
         store._run_pipelined = flush_after_the_first_chunk
-        try:
-            return await store.hand_over(batch)
-        finally:
-            await store.close()
+        return await store.hand_over(batch)
 
-    assert run(main()) == [2] * len(batch)  # the first chunk's epochs, taken once
+    assert on_store(rds.url, scenario) == [2] * len(batch)  # the first chunk's epochs, taken once
     assert {int(r.get(epoch_key(w.key))) for w in batch} == {2}
     # Loaded with SCRIPT LOAD (kept), not EVAL (evictable from Redis 7.4 on).
     stats = r.info("commandstats")
@@ -234,22 +211,18 @@ def test_a_hung_redis_gives_store_unavailable_within_the_timeout(rds):
     batch = writes("i", 2)
     set_epochs(rds.client(), batch)
 
-    async def main():
-        store = Store(rds.url, timeout=1.0)
+    async def scenario(store):
+        assert await store.write_batch(batch) == [True, True]
+        os.kill(rds.proc.pid, signal.SIGSTOP)
         try:
-            assert await store.write_batch(batch) == [True, True]
-            os.kill(rds.proc.pid, signal.SIGSTOP)
-            try:
-                async with asyncio.timeout(5):
-                    with pytest.raises(StoreUnavailable):
-                        await store.write_batch(batch)
-            finally:
-                os.kill(rds.proc.pid, signal.SIGCONT)
-            assert await store.write_batch(batch) == [True, True]
+            async with asyncio.timeout(5):
+                with pytest.raises(StoreUnavailable):
+                    await store.write_batch(batch)
         finally:
-            await store.close()
+            os.kill(rds.proc.pid, signal.SIGCONT)
+        assert await store.write_batch(batch) == [True, True]
 
-    run(main())
+    on_store(rds.url, scenario, timeout=1.0)
 
 
 @pytest.mark.parametrize("first_write", [False, True], ids=["reused connection", "new connection"])
@@ -258,15 +231,14 @@ def test_closing_the_store_during_a_write_leaves_no_connection_open(rds, first_w
     batch = writes("j", 3)
     set_epochs(r, batch)
 
-    async def main():
-        store = Store(rds.url)
+    async def scenario(store):
         if not first_write:
             assert await store.write_batch(batch) == [True] * 3
         task = await start_a_held_write(store, batch, r)
-        await store.close()
+        await store.close()  # on_store closes it again: a second close is harmless
         with pytest.raises(StoreUnavailable):
             await task
 
-    run(main())
+    on_store(rds.url, scenario)
     clients = r.client_list()
     assert len(clients) == 1, clients  # this test's own
