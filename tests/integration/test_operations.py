@@ -51,9 +51,9 @@ def test_drain_add_node_and_rolling_restart_under_load(make_cluster, handoff):
         # Live: n2's actors (~70 players and the game) go node to node, but not all of them
         # when the machine is short of CPU: a session the gateway re-attaches on n2's MOVED
         # can reach its new owner before n2's hand-over message does, and then loads from
-        # Redis (correct, only not live). Seen on a clean run: 71 of 71; with two CPU burners
-        # beside the test: 34-38 in 3 runs of 16 (before this session's changes too), and
-        # once in the CI suite. Known weakness, noted in issue 6.
+        # Redis (correct, only not live). Seen on a quiet machine: 71 of 71; with two CPU
+        # burners beside the test, 34-38 of 71 in 1 run of 16 on 80a56fc and 3 of 27 after
+        # it; and once in a CI run of the suite. A known weakness, written up in issue 6.
         assert adopted > 20 if handoff == "live" else adopted == 0, adopted
 
         await asyncio.to_thread(local.add_node, "n4")
