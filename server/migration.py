@@ -19,6 +19,7 @@ thaw and take the Redis way later (flush, leave, load).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -157,9 +158,14 @@ class Migrator:
         if entries:
             message = {"to": "node", "op": ADOPT_OP, "from": self.name, "args": {"actors": entries}}
             reply = self._peers.begin_call(owner, message)
-        # Sessions and waiting messages go to the new owner now, without waiting for its
-        # answer: the states left first, and one that is overtaken (an attach that arrives
-        # before it) loads from Redis, where the hand-over wrote it under the new epoch.
+        if reply is not None:
+            # Sessions and waiting messages follow once the new owner has taken the states,
+            # or after a short bound. A session that overtook its state there (re-attached
+            # on our MOVED while the new owner was busy, its ring not yet showing us leave)
+            # would load from Redis, where the hand-over wrote it under the new epoch:
+            # correct, but no longer live, and the state we sent would be refused.
+            with contextlib.suppress(PeerLost, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(reply), self._settings.migration_pull_timeout_s)
         now = self._clock()
         for act in taken:
             self.moved[act.key] = (owner, now)

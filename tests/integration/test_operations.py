@@ -48,13 +48,13 @@ def test_drain_add_node_and_rolling_restart_under_load(make_cluster, handoff):
         assert cluster.gateway_status()["membership"]["members"].get("n2") in ("left", None)
         await load.wait_for_acks(1000, timeout=30)
         adopted = sum(cluster.node_status(n)["adopted"] for n in ("n1", "n3"))
-        # Live: n2's actors (~70 players and the game) go node to node, but not all of them
-        # when the machine is short of CPU: a session the gateway re-attaches on n2's MOVED
-        # can reach its new owner before n2's hand-over message does, and then loads from
-        # Redis (correct, only not live). Seen on a quiet machine: 71 of 71; with two CPU
-        # burners beside the test, 34-38 of 71 in 1 run of 16 on 80a56fc and 3 of 27 after
-        # it; and once in a CI run of the suite. A known weakness, written up in issue 6.
-        assert adopted > 20 if handoff == "live" else adopted == 0, adopted
+        print(f"n1 and n3 adopted {adopted} actors from n2")
+        # Live: every actor n2 held (~70 players and the game) went node to node. Sessions
+        # follow an actor once its new owner has it, or after migration_pull_timeout_s
+        # (server/migration.py): with two CPU burners beside this test, 71 of 71 in 10 runs;
+        # before that wait, a session re-attached on n2's MOVED could overtake its state,
+        # and 34-38 of 71 went by Redis in about 1 run of 7.
+        assert adopted > 50 if handoff == "live" else adopted == 0, adopted
 
         await asyncio.to_thread(local.add_node, "n4")
         await load.wait_for_acks(1000, timeout=30)
@@ -65,8 +65,8 @@ def test_drain_add_node_and_rolling_restart_under_load(make_cluster, handoff):
         else:
             # Live: n4's actors come node to node, pushed by their old owners or pulled by
             # n4 when the gateway re-pins a session first; a timed-out pull loads one from
-            # Redis. All of them on a clean run; with two CPU burners beside the test, as few
-            # as 19 of 53 (see the drain above).
+            # Redis. All of them on a quiet machine; with two CPU burners beside the test, as
+            # few as 19 of 53 in 2 runs of 10 (the pull path still loses that race; issue 6).
             print(f"n4 adopted {n4['adopted']} of {n4['actors']} actors")
             assert n4["adopted"] > 0, n4
 
