@@ -7,7 +7,7 @@ For each batch of actors bound for one new owner:
    new owner (`Store.hand_over`): from here on our epoch is dead, so nothing we could
    still do to these actors can reach Redis (invariant 1);
 3. send the states with their new epochs to the new owner, who activates them at once,
-   without a Redis round trip of its own (`adopt`);
+   without a Redis round trip of its own (`adopt`), and wait for its answer (bounded);
 4. deactivate them here: each waiting message fails with ActorMoved(new owner), so a
    gateway session re-attaches there (MOVED) and replays, and an actor call retries there.
 
