@@ -118,12 +118,21 @@ def start_in(checkout: Path, args: argparse.Namespace, *extra: str) -> subproces
     )
 
 
+def stop(child: subprocess.Popen[str]) -> None:
+    """SIGTERM: a run takes its cluster down before it exits; SIGKILL if it does not."""
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
 def results_of(child: subprocess.Popen[str], checkout: Path, timeout: float) -> list[dict[str, float]]:
     try:
         stdout, stderr = child.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        child.terminate()  # SIGTERM: it takes its cluster down before it exits
-        child.communicate(timeout=60)
+        stop(child)
         raise RuntimeError(f"measuring {checkout} took too long; stopped") from None
     if child.returncode != 0:
         raise RuntimeError(f"measuring {checkout} failed:\n{stderr[-2000:]}")
@@ -165,12 +174,7 @@ def side_by_side(sides: dict[str, Path], args: argparse.Namespace) -> None:
         ours, base = (results_of(child, sides[name], timeout) for name, child in children.items())
     finally:
         for child in children.values():  # one side failed: the other must not run on alone
-            if child.poll() is None:
-                child.terminate()  # SIGTERM: it takes its cluster down before it exits
-                try:
-                    child.communicate(timeout=60)
-                except subprocess.TimeoutExpired:
-                    child.kill()
+            stop(child)
     ratios = []
     for i, (a, b) in enumerate(zip(ours, base, strict=True)):
         ratios.append(a["total_us"] / b["total_us"])
