@@ -10,6 +10,7 @@ when it becomes active.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -131,7 +132,9 @@ class ActorRuntime:
         # and how to ask it to hand the actor over before we load it from Redis.
         self._handover_source = handover_source
         self._pull = pull
-        self._pulling: set[str] = set()
+        # Activations reading their state from Redis: that read takes an epoch, which would
+        # fence a hand-over arriving now. Until then, a hand-over completes an activation.
+        self._loading: set[Activation] = set()
         self.actors: OrderedDict[str, Activation] = OrderedDict()  # least recently used first
         self._tasks: set[asyncio.Task[None]] = set()
         self.activations_total = 0
@@ -260,17 +263,21 @@ class ActorRuntime:
         raise Overloaded(f"{len(self.actors)} actors active and none can passivate yet")
 
     async def _activate(self, act: Activation) -> None:
+        if act.state is not ActorState.ACTIVATING:
+            return  # adopted before this task first ran
         source = self._handover_source(act.key) if self._pull is not None else None
         if source is not None and self._pull is not None:
-            self._pulling.add(act.key)
-            try:
+            with contextlib.suppress(Exception):  # whatever went wrong, Redis has the state
                 await asyncio.wait_for(self._pull(source, act.key), self._settings.migration_pull_timeout_s)
-            except Exception:  # noqa: BLE001 - whatever went wrong, Redis has the state
-                pass
-            finally:
-                self._pulling.discard(act.key)
             if act.state is not ActorState.ACTIVATING:
                 return  # adopted while we asked
+        self._loading.add(act)
+        try:
+            await self._load_from_store(act)
+        finally:
+            self._loading.discard(act)
+
+    async def _load_from_store(self, act: Activation) -> None:
         try:
             epoch, blob = await asyncio.wait_for(
                 self._store.activate(act.key), self._settings.activation_timeout_s
@@ -339,17 +346,20 @@ class ActorRuntime:
 
     def adopt(self, key: str, epoch: int, blob: bytes) -> bool:
         """Activate `key` with a state its old owner handed over under `epoch` (taken for us,
-        current by construction). False if it is here already or there is no room."""
+        current unless we held a newer one since). False if it is stale, active here already,
+        being read from Redis (that read fences `epoch`), or there is no room. An activation
+        that has not asked Redis yet takes it, whether or not it asked for it: it may have
+        begun on a session's attach a moment before its old owner's hand-over arrived."""
+        if self._recent_epochs.get(key, 0) >= epoch:
+            return False  # a stale hand-over: we held a newer epoch since
         act = self.actors.get(key)
         if act is not None:
-            if key not in self._pulling or act.state is not ActorState.ACTIVATING:
+            if act.state is not ActorState.ACTIVATING or act in self._loading:
                 return False
-            data = self._load(key, blob)  # we asked for it: it completes the activation
+            data = self._load(key, blob)
         else:
             if len(self.actors) >= self._settings.max_activations:
                 return False
-            if self._recent_epochs.get(key, 0) >= epoch:
-                return False  # a stale hand-over: we held a newer epoch since
             data = self._load(key, blob)
             act = Activation(key, self._clock())
             self.actors[key] = act

@@ -65,10 +65,11 @@ def test_drain_add_node_and_rolling_restart_under_load(make_cluster, handoff):
         else:
             # Live: n4's actors come node to node, pushed by their old owners or pulled by
             # n4 when the gateway re-pins a session first; a timed-out pull loads one from
-            # Redis. All of them on a quiet machine; with two CPU burners beside the test, as
-            # few as 19 of 53 in 2 runs of 10 (the pull path still loses that race; issue 6).
+            # Redis. With two CPU burners beside this test, 53 of 53 in 10 runs; before an
+            # activation that had not asked Redis yet took a hand-over (ActorRuntime.adopt),
+            # as few as 19 of 53 in 2 runs of 10.
             print(f"n4 adopted {n4['adopted']} of {n4['actors']} actors")
-            assert n4["adopted"] > 0, n4
+            assert n4["adopted"] >= 0.8 * n4["actors"], n4
 
         deploy_started = time.monotonic()
         await asyncio.to_thread(local.deploy)

@@ -144,6 +144,59 @@ def test_migrator_adopt_skips_malformed_entries(entries):
     asyncio.run(main())
 
 
+def test_a_hand_over_completes_an_activation_that_has_not_asked_redis_yet():
+    """A session's attach begins the activation; its old owner's hand-over arrives before the
+    activation's task first runs (both in one wake-up of a busy node): the hand-over is
+    the state, and Redis is never asked (NoStore fails the test if it is)."""
+
+    async def main():
+        runtime, _ = make_runtime([])
+        ran: list[tuple[int, int]] = []
+        runtime.attach("player:a", lambda act: ran.append((act.epoch, act.player.xp)), lambda error: None)
+        assert runtime.actors["player:a"].state is ActorState.ACTIVATING
+        assert runtime.adopt("player:a", 7, blob(5, 3))
+        assert ran == [(7, 5)]
+        await asyncio.sleep(0)  # the activation's task runs now, and must not ask Redis
+        await asyncio.sleep(0)
+        assert runtime.actors["player:a"].epoch == 7
+
+    asyncio.run(main())
+
+
+class HeldStore:
+    """`activate` answers once released: an activation caught reading from Redis."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.asked: list[str] = []
+
+    async def activate(self, key: str) -> tuple[int, bytes]:
+        self.asked.append(key)
+        await self.release.wait()
+        return 9, blob(1, 1)
+
+
+def test_a_hand_over_is_refused_while_the_activation_reads_redis():
+    """The read takes a newer epoch than the hand-over's: taking the hand-over would leave
+    an actor whose writes are all fenced."""
+
+    async def main():
+        runtime, _ = make_runtime([])
+        store = HeldStore()
+        runtime._store = store  # type: ignore[assignment]
+        ran: list[int] = []
+        runtime.attach("player:a", lambda act: ran.append(act.epoch), lambda error: None)
+        while not store.asked:
+            await asyncio.sleep(0)
+        assert not runtime.adopt("player:a", 8, blob(5, 3))
+        store.release.set()
+        while not ran:
+            await asyncio.sleep(0)
+        assert ran == [9] and runtime.actors["player:a"].player.xp == 1
+
+    asyncio.run(main())
+
+
 def test_a_hand_over_older_than_an_epoch_held_here_since_is_refused():
     async def main():
         deactivated: list[tuple[str, bool, str | None]] = []
