@@ -203,11 +203,14 @@ class Generator:
         ws = await connect(url, compression=None, open_timeout=15, max_size=2**20, ping_interval=None)
         if secret is not None:
             token = mint(secret.encode(), player, expires_at=int(time.time()) + 3600)
-            await ws.send(orjson.dumps({"op": "hello", "token": token}), text=True)
-            welcome = orjson.loads(await asyncio.wait_for(ws.recv(decode=False), 15))
-            if welcome.get("op") != "welcome":
+            try:
+                await ws.send(orjson.dumps({"op": "hello", "token": token}), text=True)
+                welcome = orjson.loads(await asyncio.wait_for(ws.recv(decode=False), 15))
+                if welcome.get("op") != "welcome":
+                    raise RuntimeError(f"hello refused: {welcome}")
+            except BaseException:
                 await ws.close()
-                raise RuntimeError(f"hello refused: {welcome}")
+                raise
         hello = time.perf_counter() - t0
         conn = Conn(ws, player)
         conn.reader = asyncio.get_running_loop().create_task(self._read(conn))
@@ -574,6 +577,14 @@ def fd_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def raise_fd_limit() -> None:
+    """Soft open-file limit up to the hard one; the cluster and the echo inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def fd_bound() -> int:
     """The most client sockets one server process can hold here (the gateway and the echo
     each hold one per session), with room for its other files."""
@@ -587,6 +598,8 @@ def concurrency_steps(
     50 ms (twice in a row at one step), a session fails to open, `bound` or the time budget;
     returns the steps and the most sessions held with p99 under 50 ms. Leaves no session
     open."""
+    if any(g.open for g in pool.gens):
+        raise RuntimeError("concurrency steps start from a pool with no session open")
     steps: list[dict[str, Any]] = []
     held = n_open = 0
     stopped = "the bound"
@@ -596,12 +609,13 @@ def concurrency_steps(
             if time.monotonic() >= budget:
                 stopped = "the time budget"
                 break
-            target = min(bound, max(1000, round(n_open * 1.5 / 500) * 500))
+            target = min(bound, max(1000, int(n_open * 1.5 / 500 + 0.5) * 500))
             log(f"concurrency, {label}: {target:,} sessions at 1 update/s ({len(pool)} generator processes)")
+            asked = target - n_open
             r = pool.open(
                 url=url,
                 secret=secret,
-                players=players(f"cc{label[0]}{n_open}-", target - n_open),
+                players=players(f"cc{label[0]}{n_open}-", asked),
                 update=secret is not None,
                 concurrency=200,
                 timeout=max(5.0, budget - time.monotonic()),
@@ -609,7 +623,10 @@ def concurrency_steps(
             n_open = r["total_open"]
             if r["failed"]:
                 steps.append({"sessions": n_open, "open_failed": r["failed"], "error": r["first_error"]})
-                stopped = f"{r['failed']} of {target:,} failing to open ({r['first_error']})"
+                if r["first_error"] == "time budget":
+                    stopped = "the time budget"
+                else:
+                    stopped = f"{r['failed']:,} of {asked:,} failing to open"
                 break
             # A step that misses is measured once more before it counts: one pause of a
             # process (a full garbage collection over thousands of connections, say) can
@@ -623,16 +640,22 @@ def concurrency_steps(
                         "achieved_rps": res["achieved_rps"],
                         "late_sends": res["late_sends"],
                         "unanswered": res["unanswered"],
+                        "errors": res["errors"],
                     }
                 )
-                if res["lat"]["p99_ms"] < 50 and not res["unanswered"]:
+                if res["lat"]["p99_ms"] < 50 and not res["unanswered"] and not res["errors"]:
                     held = n_open
                     break
             if held != n_open:
-                stopped = f"p99 >= 50 ms at {n_open:,}"
+                missed = [f"p99 {res['lat']['p99_ms']:.0f} ms"]
+                missed += [f"{res[k]:,} {k}" for k in ("unanswered", "errors") if res[k]]
+                stopped = f"{', '.join(missed)} at {n_open:,}"
                 break
-    finally:
-        pool.close()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the first error is the one to see
+            pool.close()
+        raise
+    pool.close()
     return {"steps": steps, "held_p99_under_50ms": held, "stopped_by": stopped}
 
 
@@ -825,6 +848,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "quick": quick,
         "gen_procs": args.gen_procs,
     }
+    raise_fd_limit()
     workdir = Path(tempfile.mkdtemp(prefix="ringside-bench-"))
     config_path = write_config(workdir, extra="[gateway]\nmax_sessions = 30000\n")
     config = load_config(config_path, env={})
@@ -1239,12 +1263,13 @@ def table(r: dict[str, Any]) -> str:
         )
     if "concurrency" in r:
         c = r["concurrency"]
-        held, echo_held = c["held_p99_under_50ms"], c["echo"]["held_p99_under_50ms"]
+        e = c.get("echo", {})
+        held, echo_held = c["held_p99_under_50ms"], e.get("held_p99_under_50ms", 0)
         rows.append(
             (
-                f"concurrency: sessions at 1 update/s with p99 < 50 ms (steps up to {c['bound']:,})",
-                f"{held:,} (stopped by {c['stopped_by'][:40]})",
-                f"echo {echo_held:,} (stopped by {c['echo']['stopped_by'][:40]})",
+                f"concurrency: sessions at 1 update/s with p99 < 50 ms (steps up to {c.get('bound', 0):,})",
+                f"{held:,} (stopped by {c.get('stopped_by', '?')})",
+                f"echo {echo_held:,} (stopped by {e.get('stopped_by', '?')})" if e else "",
                 ratio(held, echo_held) if echo_held else "",
                 f">= 50,000 ({ratio(held, 50_000)})",
             )

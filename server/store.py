@@ -146,6 +146,11 @@ class Store:
     async def _run_activations(
         self, batch: list[tuple[str, asyncio.Future[tuple[int, bytes | None]]]]
     ) -> None:
+        # A caller that gave up (timed out) must not take an epoch: it would fence a
+        # hand-over that its key's next activation may take meanwhile.
+        batch = [(actor, future) for actor, future in batch if not future.done()]
+        if not batch:
+            return
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for actor, _ in batch:

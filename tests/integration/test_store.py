@@ -242,3 +242,20 @@ def test_closing_the_store_during_a_write_leaves_no_connection_open(rds, first_w
     on_store(rds.url, scenario)
     clients = r.client_list()
     assert len(clients) == 1, clients  # this test's own
+
+
+def test_an_activation_whose_caller_gave_up_takes_no_epoch(rds):
+    """A caller that timed out before its activation left must not take an epoch: it
+    would fence a hand-over that the key's next activation may take meanwhile."""
+
+    async def scenario(store):
+        gave_up = asyncio.ensure_future(store.activate("player:gone"))
+        await asyncio.sleep(0)  # it is queued for this iteration's pipeline
+        gave_up.cancel()
+        assert await store.activate("player:kept") == (1, None)
+        return gave_up.cancelled()
+
+    assert on_store(rds.url, scenario)
+    r = rds.client()
+    assert r.get(epoch_key("player:gone")) is None
+    assert r.get(epoch_key("player:kept")) == b"1"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,9 @@ class NoStore:
         raise AssertionError(f"the store was called: {name}")
 
 
-def make_runtime(deactivated: list[tuple[str, bool, str | None]]) -> tuple[ActorRuntime, WriteBehind]:
+def make_runtime(
+    deactivated: list[tuple[str, bool, str | None]], **kw: Any
+) -> tuple[ActorRuntime, WriteBehind]:
     wb = WriteBehind(
         interval=0.1, batch_max=10, max_dirty=10, retry_base=0.05, retry_cap=1, rng=random.Random(1), now=0
     )
@@ -33,6 +36,7 @@ def make_runtime(deactivated: list[tuple[str, bool, str | None]]) -> tuple[Actor
         load=lambda key, blob: PlayerState.from_blob(blob, default_name=key),
         on_activated=lambda act: None,
         on_deactivated=lambda act, stale, moved_to: deactivated.append((act.key, stale, moved_to)),
+        **kw,
     )
     return runtime, wb
 
@@ -144,27 +148,9 @@ def test_migrator_adopt_skips_malformed_entries(entries):
     asyncio.run(main())
 
 
-def test_a_hand_over_completes_an_activation_that_has_not_asked_redis_yet():
-    """A session's attach begins the activation; its old owner's hand-over arrives before the
-    activation's task first runs (both in one wake-up of a busy node): the hand-over is
-    the state, and Redis is never asked (NoStore fails the test if it is)."""
-
-    async def main():
-        runtime, _ = make_runtime([])
-        ran: list[tuple[int, int]] = []
-        runtime.attach("player:a", lambda act: ran.append((act.epoch, act.player.xp)), lambda error: None)
-        assert runtime.actors["player:a"].state is ActorState.ACTIVATING
-        assert runtime.adopt("player:a", 7, blob(5, 3))
-        assert ran == [(7, 5)]
-        await asyncio.sleep(0)  # the activation's task runs now, and must not ask Redis
-        await asyncio.sleep(0)
-        assert runtime.actors["player:a"].epoch == 7
-
-    asyncio.run(main())
-
-
 class HeldStore:
-    """`activate` answers once released: an activation caught reading from Redis."""
+    """`activate` records the ask and answers once released: an activation caught reading
+    from Redis, or, if `asked` stays empty, one that never asked."""
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
@@ -176,23 +162,91 @@ class HeldStore:
         return 9, blob(1, 1)
 
 
+async def until(condition, message: str) -> None:
+    """A few loop iterations are all these steps take; a hang fails instead of stalling."""
+    async with asyncio.timeout(2):
+        while not condition():
+            await asyncio.sleep(0)
+    assert condition(), message
+
+
+def held_runtime(**kw) -> tuple[ActorRuntime, HeldStore]:
+    runtime, _ = make_runtime([], **kw)
+    store = HeldStore()
+    runtime._store = store  # type: ignore[assignment]
+    return runtime, store
+
+
+def test_a_hand_over_completes_an_activation_that_has_not_asked_redis_yet():
+    """A session's attach begins the activation; its old owner's hand-over arrives before the
+    activation's task first runs (both read in one wake-up of a busy node): the hand-over
+    is the state, and Redis is never asked."""
+
+    async def main():
+        runtime, store = held_runtime()
+        ran: list[tuple[int, int]] = []
+        runtime.attach("player:a", lambda act: ran.append((act.epoch, act.player.xp)), lambda error: None)
+        assert runtime.actors["player:a"].state is ActorState.ACTIVATING
+        assert runtime.adopt("player:a", 7, blob(5, 3))
+        assert ran == [(7, 5)]
+        for _ in range(5):  # the activation's task runs now, and must not ask Redis
+            await asyncio.sleep(0)
+        assert store.asked == [] and runtime.actors["player:a"].epoch == 7 and ran == [(7, 5)]
+
+    asyncio.run(main())
+
+
+def test_a_hand_over_completes_an_activation_that_is_pulling():
+    """Just after joining, an activation asks the key's previous owner first; the state it
+    hands over completes the activation, and Redis is never asked."""
+
+    async def main():
+        pulls: list[tuple[str, str]] = []
+        answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def pull(source: str, key: str) -> asyncio.Future[None]:
+            pulls.append((source, key))
+            return answer
+
+        runtime, store = held_runtime(handover_source=lambda key: "n2", pull=pull)
+        ran: list[int] = []
+        runtime.attach("player:a", lambda act: ran.append(act.epoch), lambda error: None)
+        await until(lambda: pulls == [("n2", "player:a")], "it asks the previous owner")
+        assert runtime.adopt("player:a", 7, blob(5, 3))
+        answer.set_result(None)  # the previous owner answers once it has handed over
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert ran == [7] and store.asked == []
+
+    asyncio.run(main())
+
+
 def test_a_hand_over_is_refused_while_the_activation_reads_redis():
     """The read takes a newer epoch than the hand-over's: taking the hand-over would leave
     an actor whose writes are all fenced."""
 
     async def main():
-        runtime, _ = make_runtime([])
-        store = HeldStore()
-        runtime._store = store  # type: ignore[assignment]
+        runtime, store = held_runtime()
         ran: list[int] = []
         runtime.attach("player:a", lambda act: ran.append(act.epoch), lambda error: None)
-        while not store.asked:
-            await asyncio.sleep(0)
+        await until(lambda: store.asked == ["player:a"], "it reads Redis")
         assert not runtime.adopt("player:a", 8, blob(5, 3))
         store.release.set()
-        while not ran:
-            await asyncio.sleep(0)
+        await until(lambda: bool(ran), "the read completes the activation")
         assert ran == [9] and runtime.actors["player:a"].player.xp == 1
+
+    asyncio.run(main())
+
+
+def test_a_stale_hand_over_is_refused_by_an_activation_in_progress_too():
+    async def main():
+        runtime, store = held_runtime()
+        runtime.adopt("player:a", 5, blob(9, 9))  # we held epoch 5
+        assert runtime.passivate("player:a")
+        runtime.attach("player:a", lambda act: None, lambda error: None)
+        assert runtime.actors["player:a"].state is ActorState.ACTIVATING
+        assert not runtime.adopt("player:a", 4, blob(1, 1)), "taken at epoch 4: stale"
+        await until(lambda: store.asked == ["player:a"], "the activation goes on to Redis")
 
     asyncio.run(main())
 
