@@ -18,7 +18,9 @@ Figures (issue 6):
       gateway + all nodes from /proc/<pid>/stat; Redis shown apart) vs the echo's CPU per
       message at the same rate and session count: the headline ratio (target <= 2x). The
       echo and Ringside run this phase side by side (each from a generator process of its
-      own, started at one instant), three times; each time's ratio is shown too.
+      own, started at one instant), three times; each time's ratio is shown too. Then twice
+      more with every Ringside session on one node: gateway + that node, the issue's
+      "owner node" taken literally (one node at the full rate, not three at a third).
  4.   latency at a fixed rate over many sessions: p50 / p99 / max, echo alongside (target p99 < 2 ms).
  5.   memory: RSS delta per idle session at the gateway (vs the echo's per idle connection,
       target < 20 KiB) and per idle player actor at the nodes (target < 2 KiB), and per game
@@ -659,6 +661,66 @@ def concurrency_steps(
     return {"steps": steps, "held_p99_under_50ms": held, "stopped_by": stopped}
 
 
+def one_owner_pairs(
+    echo_gen: GenProcess,
+    echo_pid: int,
+    url: str,
+    secret: str,
+    node_names: Sequence[str],
+    pids: dict[str, int],
+    sessions: int,
+    rate: float,
+    phase_s: float,
+    runs: int = 2,
+) -> list[dict[str, Any]]:
+    """The CPU phase again, side by side with the echo, with every Ringside session's player
+    owned by one node: the issue's "gateway + owner node" taken literally, and one node at
+    the full rate instead of three at a third of it each (a node's cost per request falls
+    as its rate rises: more frames per wake-up). From a generator of its own; the sessions
+    of the spread phase stay open, idle."""
+    from server.ring import HashRing
+
+    owner = node_names[0]
+    ring = HashRing(node_names)
+    mine = [p for p in (f"own{i}" for i in range(sessions * 30)) if ring.owner(f"player:{p}") == owner]
+    if len(mine) < sessions:
+        raise RuntimeError(f"found {len(mine)} players owned by {owner}, not {sessions}")
+    gen = GenProcess()
+    try:
+        gen("open", url=url, secret=secret, players=mine[:sessions], update=True)
+        servers = ["gateway", *node_names]
+        out = []
+        for _ in range(runs):
+            at = time.monotonic() + 0.25
+            c0 = {n: cpu_seconds(pids[n]) for n in servers}
+            e0 = cpu_seconds(echo_pid)
+            echo_gen.send("rate", rate=rate, seconds=phase_s, start_at=at)
+            gen.send("rate", rate=rate, seconds=phase_s, start_at=at)
+            e, r = echo_gen.recv("rate"), gen.recv("rate")
+            e_n, r_n = max(1, e["answered_all"]), max(1, r["answered_all"])
+            per = {n: (cpu_seconds(pids[n]) - c0[n]) / r_n * 1e6 for n in servers}
+            echo_us = (cpu_seconds(echo_pid) - e0) / e_n * 1e6
+            owner_us = per["gateway"] + per[owner]
+            out.append(
+                {
+                    "owner": owner,
+                    "per_process_us": per,
+                    "gateway_and_owner_us": owner_us,
+                    "all_us": sum(per.values()),
+                    "echo_us": echo_us,
+                    "ratio_owner": owner_us / echo_us if echo_us else 0.0,
+                    "ratio_all": sum(per.values()) / echo_us if echo_us else 0.0,
+                    "late_sends": [e["late_sends"], r["late_sends"]],
+                    "errors": [e["errors"], r["errors"]],
+                    "unanswered": [e["unanswered"], r["unanswered"]],
+                }
+            )
+        gen("close")
+        return out
+    finally:
+        gen.stop()
+
+
 def players(prefix: str, n: int) -> list[str]:
     return [f"{prefix}{i}" for i in range(n)]
 
@@ -993,6 +1055,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(0.3)  # the last flush
             rc1 = redis_counts(rds)
             f1 = flush_counts(cluster, config.node_names)
+            one_owner = one_owner_pairs(
+                echo_gen, echo.pid, url, secret, config.node_names, pids, fixed_sessions, fixed_rate, phase_s
+            )
             echo_gen("close")
         finally:
             echo_gen.stop()
@@ -1012,6 +1077,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cpu_us_per_req_server": server_us,
             "syscalls_per_req": {n: (sc1[n] - sc0[n]) / r_answered for n in server_names},
             "cpu_pairs": pairs,
+            "one_owner_pairs": one_owner,
         }
         out["write_behind"] = {
             "evalsha_per_1000": (rc1["evalsha"] + rc1["eval"] - rc0["evalsha"] - rc0["eval"])
@@ -1138,6 +1204,23 @@ def table(r: dict[str, Any]) -> str:
                 "",
                 f"{ratios[0]:.2f} / {statistics.median(ratios):.2f} / {ratios[-1]:.2f}",
                 "",
+            )
+        )
+    one = s.get("one_owner_pairs") or []
+    if one:
+        o_us = statistics.median(p["gateway_and_owner_us"] for p in one)
+        a_us = statistics.median(p["all_us"] for p in one)
+        o_echo = statistics.median(p["echo_us"] for p in one)
+        rows.append(
+            (
+                f"  every session on one node: gateway + it (all 4 processes) (us, x{len(one)})",
+                f"{o_us:.1f} ({a_us:.1f})",
+                f"{o_echo:.1f}",
+                " / ".join(f"{p['ratio_owner']:.2f}" for p in one)
+                + " ("
+                + " / ".join(f"{p['ratio_all']:.2f}" for p in one)
+                + ")",
+                "<= 2x",
             )
         )
     sys_per = s["syscalls_per_req"]

@@ -2,7 +2,8 @@
 
 Not a benchmark and no timed assertion: it checks that every phase runs and yields its
 figure, that the side-by-side CPU phase really ran three times with both sides answered in
-full, and that the table prints.
+full (and twice more with every session on one node, which that node's CPU shows), and that
+the table prints.
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ def test_quick_bench_measures_every_figure(tmp_path: Path) -> None:
     for pair in pairs:
         assert pair["ringside_us"] > 0 and pair["echo_us"] > 0, pair
         assert pair["errors"] == [0, 0] and pair["unanswered"] == [0, 0], pair
+    one = r["ringside"]["one_owner_pairs"]
+    assert len(one) == 2
+    for pair in one:
+        assert pair["errors"] == [0, 0] and pair["unanswered"] == [0, 0], pair
+        # Every session on n1: the other nodes only idle (gossip, timers) meanwhile.
+        per = pair["per_process_us"]
+        assert per["n1"] > 2 * max(per["n2"], per["n3"]), per
     assert r["ringside"]["cpu_us_per_req_server"] > 0 and r["echo"]["cpu_us_per_msg"] > 0
     assert r["ringside"]["closed"]["requests"] > 0 and r["ringside"]["closed"]["cpu_us_per_req"] > 0
     assert r["echo"]["closed"]["cpu_us_per_msg"] > 0
