@@ -136,7 +136,10 @@ class ClientSession:
             return
         if self.outbound is None:
             self.outbound = deque()
-        if len(self.outbound) >= self.max_outbound:
+        # Before the welcome (a take-over, its new socket not yet attached), the replies to
+        # every request the old socket had in flight must fit: up to max_replay more.
+        limit = self.max_outbound if self.welcomed else self.max_outbound + self.core.max_replay
+        if len(self.outbound) >= limit:
             self.close(CloseCode.TOO_SLOW, "outbound queue full: client is not reading")
             return
         self.outbound.append(payload)

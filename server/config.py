@@ -101,7 +101,7 @@ class GatewaySettings:
     # answer loopback peers only (put a proxy or Prometheus beside the gateway), /healthz anyone.
     admin_from_anywhere: bool = False
     max_replay: int = 1024  # requests kept per session until the node reports them durable
-    max_outbound: int = 256  # frames queued per client before it is closed as too slow
+    max_outbound: int = 256  # frames queued per client before it is closed as too slow (4004)
     move_timeout_s: float = 10.0  # how long a session's requests wait for its node to come back
     # Kernel send buffer per client socket. Bounds memory per slow client and how much it
     # can fall behind before its outbound queue fills and it is closed with 4004.

@@ -206,3 +206,28 @@ def test_a_failing_frame_handler_closes_the_socket_with_1011_not_an_abort():
                 assert client.close_code == CloseCode.INTERNAL_ERROR
 
     asyncio.run(main())
+
+
+def test_a_take_over_keeps_every_reply_in_flight_for_its_welcome():
+    """Replies to the old socket's requests go to the new socket, which queues them until
+    its welcome is sent: up to max_replay of them past max_outbound, never 4004 for that."""
+
+    async def main():
+        gateway = Gateway(ClusterConfig())
+        limit = gateway.settings.max_outbound + gateway.settings.max_replay
+        core = Session(6, "p6", "n1", max_replay=gateway.settings.max_replay)
+        ws = StubConnection([])
+        cs = gateway._client_session(core, ws)  # type: ignore[arg-type]
+        for i in range(limit):
+            cs.push(b"a%d" % i)
+        assert cs.close_code is None and len(cs.outbound or ()) == limit
+        cs.welcomed = True
+        cs.start_writer()
+        await until(lambda: cs.outbound is None, "the queue drains once welcomed")
+        assert ws.sent == [b"a%d" % i for i in range(limit)]
+        cs.welcomed = False  # the bound still holds: one more than it closes the socket
+        for i in range(limit + 1):
+            cs.push(b"b%d" % i)
+        assert cs.close_code is CloseCode.TOO_SLOW
+
+    asyncio.run(main())
