@@ -78,6 +78,7 @@ class ClientSession:
         "probe_seq",
         "probe_at",
         "welcomed",
+        "welcome_backlog",
         "detached_at",
         "fill_retries",
         "bucket",
@@ -102,6 +103,10 @@ class ClientSession:
         self.close_code: CloseCode | None = None
         self._on_close = on_close
         self.welcomed = False  # frames before the welcome wait in `outbound`
+        # Until what queued before the welcome has drained, `outbound` holds max_replay more
+        # frames: after a take-over, the replies to every request the old socket had in
+        # flight come to this one (see push).
+        self.welcome_backlog = True
         # Set when the client's socket is gone (or taken over) while requests it was told
         # "ok" for are not durable yet: the session stays until they are (see _close_session).
         self.detached_at: float | None = None
@@ -136,13 +141,18 @@ class ClientSession:
             return
         if self.outbound is None:
             self.outbound = deque()
-        # Before the welcome (a take-over, its new socket not yet attached), the replies to
-        # every request the old socket had in flight must fit: up to max_replay more.
-        limit = self.max_outbound if self.welcomed else self.max_outbound + self.core.max_replay
+        limit = self.max_outbound + self.core.max_replay if self.welcome_backlog else self.max_outbound
         if len(self.outbound) >= limit:
             self.close(CloseCode.TOO_SLOW, "outbound queue full: client is not reading")
             return
         self.outbound.append(payload)
+        self.start_writer()
+
+    def welcome_sent(self) -> None:
+        """Frames may go to the client now: those queued before the welcome first."""
+        self.welcomed = True
+        if not self.outbound:
+            self.welcome_backlog = False
         self.start_writer()
 
     def start_writer(self) -> None:
@@ -161,6 +171,7 @@ class ClientSession:
         finally:
             if self.outbound is queue and not queue:
                 self.outbound = None
+                self.welcome_backlog = False  # drained: the bound is max_outbound again
             self.writer = None
 
     async def wait_for_space(self) -> None:
@@ -677,8 +688,7 @@ class Gateway:
         except BaseException:
             self._close_session(cs)
             raise
-        cs.welcomed = True
-        cs.start_writer()
+        cs.welcome_sent()
         return cs
 
     def _client_session(self, core: Session, ws: ServerConnection) -> ClientSession:
@@ -774,6 +784,7 @@ class Gateway:
         cs.wake_reader()
         if cs.writer is not None:
             cs.writer.cancel()
+        cs.outbound = None  # nobody will read it
         if core.buffered and core.state is not SessionState.CLOSED:
             return  # _release_if_durable finishes it
         self._release(cs)

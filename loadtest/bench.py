@@ -687,7 +687,9 @@ def one_owner_pairs(
         raise RuntimeError(f"found {len(mine)} players owned by {owner}, not {sessions}")
     gen = GenProcess()
     try:
-        gen("open", url=url, secret=secret, players=mine[:sessions], update=True)
+        opened = gen("open", url=url, secret=secret, players=mine[:sessions], update=True)
+        if opened["opened"] != sessions:
+            raise RuntimeError(f"one-node phase: {opened['failed']} failed to open: {opened['first_error']}")
         servers = ["gateway", *node_names]
         out = []
         for _ in range(runs):
@@ -1056,7 +1058,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rc1 = redis_counts(rds)
             f1 = flush_counts(cluster, config.node_names)
             one_owner = one_owner_pairs(
-                echo_gen, echo.pid, url, secret, config.node_names, pids, fixed_sessions, fixed_rate, phase_s
+                echo_gen,
+                echo.pid,
+                url,
+                secret,
+                config.node_names,
+                pids,  # type: ignore[arg-type]
+                fixed_sessions,
+                fixed_rate,
+                phase_s,
             )
             echo_gen("close")
         finally:

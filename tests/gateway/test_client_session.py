@@ -18,7 +18,7 @@ from websockets.protocol import State
 
 from gateway.app import Gateway, GatewayConnection, text_frame_header
 from gateway.session import Session
-from server.config import ClusterConfig
+from server.config import ClusterConfig, GatewaySettings
 from server.errors import CloseCode
 from server.wire import Frame, Kind
 
@@ -208,26 +208,56 @@ def test_a_failing_frame_handler_closes_the_socket_with_1011_not_an_abort():
     asyncio.run(main())
 
 
-def test_a_take_over_keeps_every_reply_in_flight_for_its_welcome():
-    """Replies to the old socket's requests go to the new socket, which queues them until
-    its welcome is sent: up to max_replay of them past max_outbound, never 4004 for that."""
+class SlowClient(StubConnection):
+    """A socket whose client reads nothing until `resume()`: sends wait, as on a full one."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.paused = True
+        self._reading = asyncio.Event()
+
+    def resume(self) -> None:
+        self.paused = False
+        self._reading.set()
+
+    def pause(self) -> None:
+        self.paused = True
+        self._reading.clear()
+
+    async def send(self, payload: bytes, text: bool = True) -> None:
+        await self._reading.wait()
+        self.sent.append(payload)
+
+
+def test_a_take_over_keeps_every_reply_in_flight_until_its_backlog_has_drained():
+    """More requests in flight than max_outbound when the client reconnects: their replies
+    come to the new socket before its welcome, then wait for a client slow to read. None is
+    closed 4004 for that, before the welcome or after it; once they have drained, the bound
+    is max_outbound again."""
 
     async def main():
-        gateway = Gateway(ClusterConfig())
-        limit = gateway.settings.max_outbound + gateway.settings.max_replay
-        core = Session(6, "p6", "n1", max_replay=gateway.settings.max_replay)
-        ws = StubConnection([])
-        cs = gateway._client_session(core, ws)  # type: ignore[arg-type]
-        for i in range(limit):
-            cs.push(b"a%d" % i)
-        assert cs.close_code is None and len(cs.outbound or ()) == limit
-        cs.welcomed = True
-        cs.start_writer()
-        await until(lambda: cs.outbound is None, "the queue drains once welcomed")
-        assert ws.sent == [b"a%d" % i for i in range(limit)]
-        cs.welcomed = False  # the bound still holds: one more than it closes the socket
-        for i in range(limit + 1):
-            cs.push(b"b%d" % i)
-        assert cs.close_code is CloseCode.TOO_SLOW
+        # A client that had that many requests in flight sent them in a burst.
+        gateway = Gateway(ClusterConfig(gateway=GatewaySettings(rate_limit_burst=1000.0)))
+        settings = gateway.settings
+        n = settings.max_outbound + 50
+        requests = [b"r%d" % i for i in range(n)]
+        cs, _, old_reader = serving(gateway, 7, requests, max_replay=settings.max_replay)
+        await until(lambda: cs.core.buffered == n, "every request in flight")
+        client = SlowClient()
+        new = gateway._take_over(cs, client)  # type: ignore[arg-type]
+        link = types.SimpleNamespace(name="n1")
+        gateway._on_frames(link, [Frame(Kind.REPLY, 7, i + 1, 0, b"a%d" % i) for i in range(n)])  # type: ignore[arg-type]
+        assert new.close_code is None and len(new.outbound or ()) == n, "all wait for the welcome"
+        new.welcome_sent()
+        new.push(b"next")  # the reply to the first request on the new socket
+        assert new.close_code is None, "the backlog still has its allowance"
+        client.resume()
+        await until(lambda: new.outbound is None, "the backlog drained")
+        assert client.sent == [b"a%d" % i for i in range(n)] + [b"next"]
+        client.pause()
+        for i in range(settings.max_outbound + 1):
+            new.push(b"b%d" % i)
+        assert new.close_code is CloseCode.TOO_SLOW, "past the backlog, max_outbound holds"
+        old_reader.cancel()
 
     asyncio.run(main())
