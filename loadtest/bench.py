@@ -60,7 +60,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -661,6 +661,39 @@ def concurrency_steps(
     return {"steps": steps, "held_p99_under_50ms": held, "stopped_by": stopped}
 
 
+class SideBySide(NamedTuple):
+    """One fixed-rate phase run by the echo and Ringside at the same instant."""
+
+    echo: dict[str, Any]  # the echo generator's rate answer
+    ringside: dict[str, Any]  # Ringside's
+    echo_us: float  # the echo's CPU per message
+    per_process_us: dict[str, float]  # Ringside's CPU per request, by process
+
+    def checks(self) -> dict[str, list[int]]:
+        """Late sends, errors and unanswered requests: [echo, ringside]."""
+        return {k: [self.echo[k], self.ringside[k]] for k in ("late_sends", "errors", "unanswered")}
+
+
+def side_by_side(
+    echo_gen: GenProcess,
+    gen: GenProcess,
+    echo_pid: int,
+    pids: dict[str, int],
+    servers: Sequence[str],
+    rate: float,
+    seconds: float,
+) -> SideBySide:
+    at = time.monotonic() + 0.25  # time for both generators to read their command
+    c0 = {n: cpu_seconds(pids[n]) for n in servers}
+    e0 = cpu_seconds(echo_pid)
+    echo_gen.send("rate", rate=rate, seconds=seconds, start_at=at)
+    gen.send("rate", rate=rate, seconds=seconds, start_at=at)
+    e, r = echo_gen.recv("rate"), gen.recv("rate")
+    e_n, r_n = max(1, e["answered_all"]), max(1, r["answered_all"])
+    per = {n: (cpu_seconds(pids[n]) - c0[n]) / r_n * 1e6 for n in servers}
+    return SideBySide(e, r, (cpu_seconds(echo_pid) - e0) / e_n * 1e6, per)
+
+
 def one_owner_pairs(
     echo_gen: GenProcess,
     echo_pid: int,
@@ -693,15 +726,8 @@ def one_owner_pairs(
         servers = ["gateway", *node_names]
         out = []
         for _ in range(runs):
-            at = time.monotonic() + 0.25
-            c0 = {n: cpu_seconds(pids[n]) for n in servers}
-            e0 = cpu_seconds(echo_pid)
-            echo_gen.send("rate", rate=rate, seconds=phase_s, start_at=at)
-            gen.send("rate", rate=rate, seconds=phase_s, start_at=at)
-            e, r = echo_gen.recv("rate"), gen.recv("rate")
-            e_n, r_n = max(1, e["answered_all"]), max(1, r["answered_all"])
-            per = {n: (cpu_seconds(pids[n]) - c0[n]) / r_n * 1e6 for n in servers}
-            echo_us = (cpu_seconds(echo_pid) - e0) / e_n * 1e6
+            pair = side_by_side(echo_gen, gen, echo_pid, pids, servers, rate, phase_s)
+            per, echo_us = pair.per_process_us, pair.echo_us
             owner_us = per["gateway"] + per[owner]
             out.append(
                 {
@@ -712,9 +738,7 @@ def one_owner_pairs(
                     "echo_us": echo_us,
                     "ratio_owner": owner_us / echo_us if echo_us else 0.0,
                     "ratio_all": sum(per.values()) / echo_us if echo_us else 0.0,
-                    "late_sends": [e["late_sends"], r["late_sends"]],
-                    "errors": [e["errors"], r["errors"]],
-                    "unanswered": [e["unanswered"], r["unanswered"]],
+                    **pair.checks(),
                 }
             )
         gen("close")
@@ -1030,25 +1054,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pairs = []
             e_answered = r_answered = 0
             for _ in range(cpu_pairs):
-                at = time.monotonic() + 0.25
-                p0 = {n: cpu_seconds(pids[n]) for n in server_names}  # type: ignore[arg-type]
-                pe0 = cpu_seconds(echo.pid)
-                echo_gen.send("rate", rate=fixed_rate, seconds=phase_s, start_at=at)
-                gen.send("rate", rate=fixed_rate, seconds=phase_s, start_at=at)
-                e_fixed, r_fixed = echo_gen.recv("rate"), gen.recv("rate")
-                e_n, r_n = max(1, e_fixed["answered_all"]), max(1, r_fixed["answered_all"])
-                e_answered += e_n
-                r_answered += r_n
-                ours = sum(cpu_seconds(pids[n]) - p0[n] for n in server_names) / r_n * 1e6  # type: ignore[arg-type]
-                theirs = (cpu_seconds(echo.pid) - pe0) / e_n * 1e6
+                pair = side_by_side(
+                    echo_gen,
+                    gen,
+                    echo.pid,
+                    pids,  # type: ignore[arg-type]
+                    server_names,
+                    fixed_rate,
+                    phase_s,
+                )
+                e_fixed, r_fixed = pair.echo, pair.ringside
+                e_answered += max(1, e_fixed["answered_all"])
+                r_answered += max(1, r_fixed["answered_all"])
+                ours = sum(pair.per_process_us.values())
                 pairs.append(
                     {
                         "ringside_us": ours,
-                        "echo_us": theirs,
-                        "ratio": ours / theirs if theirs else 0.0,
-                        "late_sends": [e_fixed["late_sends"], r_fixed["late_sends"]],  # echo, ringside
-                        "errors": [e_fixed["errors"], r_fixed["errors"]],
-                        "unanswered": [e_fixed["unanswered"], r_fixed["unanswered"]],
+                        "echo_us": pair.echo_us,
+                        "ratio": ours / pair.echo_us if pair.echo_us else 0.0,
+                        **pair.checks(),  # each [echo, ringside]
                     }
                 )
             c1 = {n: cpu_seconds(pids[n]) for n in names}  # type: ignore[arg-type]
