@@ -9,6 +9,7 @@ its bytes to the owner node; the node's reply bytes go back to the client.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import random
 import signal
@@ -28,6 +29,7 @@ from websockets.protocol import State
 from websockets.typing import Origin
 
 from gateway.dashboard import FEED_PATH, Dashboard, LinkBytes, MemberStates, count_member_events
+from gateway.framing import ClientFrames
 from gateway.ratelimit import TokenBucket
 from gateway.session import PushVerdict, Session, SessionState
 from server.admin import admin_routes
@@ -209,37 +211,86 @@ def text_frame_header(length: int) -> bytes:
     return b"\x81\x7f" + length.to_bytes(8, "big")
 
 
+class Framing(enum.Enum):
+    PENDING = "pending"  # not open yet: websockets reads the handshake
+    OURS = "ours"  # whole frames are cut here (gateway/framing.py); text ones taken at once
+    LIBRARY = "library"  # websockets reads every byte (closing, a frame past max_size, ...)
+
+
 class GatewayConnection(ServerConnection):
-    """websockets' server connection, plus a way around its receive queue: while a session
-    serves, a complete text frame goes straight to `on_message` from the protocol callback,
+    """websockets' server connection, plus a way around its frame parser and receive queue
+    (decisions 22 and 27): while a session serves, a complete text frame goes straight to
+    `on_message`, cut from the stream by `ClientFrames`, without websockets' parser and
     without waking the handler task (`recv()`) for each one. `on_message` returns False
     when it cannot take the frame now; then, and for anything else (control frames,
     fragments, binary), the frame takes websockets' own way and the handler reads it."""
 
     on_message: Callable[[bytes], bool] | None = None
+    framing = Framing.PENDING
+    frames: ClientFrames | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.framing is Framing.PENDING:
+            if self.protocol.state is not State.OPEN:
+                super().data_received(data)
+                return
+            self._choose_framing()
+        frames = self.frames
+        if frames is None:
+            super().data_received(data)
+            return
+        protocol = self.protocol
+        cuts = frames.feed(data)
+        for i, cut in enumerate(cuts):
+            if cut.text is not None and protocol.state is State.OPEN and protocol.current_size is None:
+                if not self._take_text(cut.text):
+                    super().process_event(WsFrame(Opcode.TEXT, cut.text))
+                continue
+            super().data_received(cut.raw)
+            if protocol.state is not State.OPEN or frames.spent:
+                # Closing, failed, or a frame past max_size: websockets reads what follows.
+                self.framing, self.frames = Framing.LIBRARY, None
+                rest = b"".join(c.raw for c in cuts[i + 1 :]) + frames.take_partial()
+                if rest:
+                    super().data_received(rest)
+                return
+
+    def _choose_framing(self) -> None:
+        """Cut frames here only from a frame boundary of websockets' parser: nothing in its
+        buffer and its generator waiting for a frame's first byte (a client that sent frames
+        with its handshake request may have left it mid-frame: then it keeps the stream)."""
+        protocol = self.protocol
+        waiting: Any = protocol.parser
+        while getattr(waiting, "gi_yieldfrom", None) is not None:
+            waiting = waiting.gi_yieldfrom
+        at_boundary = not protocol.reader.buffer and getattr(waiting, "__name__", "") == "at_eof"
+        max_size = protocol.max_message_size
+        if at_boundary and max_size is not None and not protocol.extensions:
+            self.framing, self.frames = Framing.OURS, ClientFrames(max_size)
+        else:
+            self.framing = Framing.LIBRARY
 
     def process_event(self, event: Any) -> None:
-        on_message = self.on_message
-        if (
-            on_message is not None
-            and type(event) is WsFrame
-            and event.opcode is Opcode.TEXT
-            and event.fin
-            and not len(self.recv_messages.frames)  # never ahead of frames queued before it
-        ):
+        if type(event) is WsFrame and event.opcode is Opcode.TEXT and event.fin:
             data = event.data
-            try:
-                taken = on_message(data if type(data) is bytes else bytes(data))
-            except Exception:
-                # Raised out of data_received it would abort the socket (1006) and lose
-                # the rest of this read: close it as websockets would a failed handler.
-                log.exception("client frame handler failed")
-                self.on_message = None
-                self.loop.create_task(self.close(CloseCode.INTERNAL_ERROR, "internal error"))
-                return
-            if taken:
+            if self._take_text(data if type(data) is bytes else bytes(data)):
                 return
         super().process_event(event)
+
+    def _take_text(self, data: bytes) -> bool:
+        """Hand a whole text frame to `on_message`; False: it takes websockets' way."""
+        on_message = self.on_message
+        if on_message is None or len(self.recv_messages.frames):  # never ahead of one queued
+            return False
+        try:
+            return on_message(data)
+        except Exception:
+            # Raised out of data_received it would abort the socket (1006) and lose the
+            # rest of this read: close it as websockets would a failed handler.
+            log.exception("client frame handler failed")
+            self.on_message = None
+            self.loop.create_task(self.close(CloseCode.INTERNAL_ERROR, "internal error"))
+            return True
 
 
 class GatewayMetrics:
