@@ -247,8 +247,9 @@ class GatewayConnection(ServerConnection):
                     super().process_event(WsFrame(Opcode.TEXT, cut.text))
                 continue
             super().data_received(cut.raw)
-            if protocol.state is not State.OPEN or frames.spent:
-                # Closing, failed, or a frame past max_size: websockets reads what follows.
+            if protocol.state is not State.OPEN or frames.spent or protocol.current_size is not None:
+                # Closing, failed, a header it refuses, or a fragmented message (it bounds the
+                # message's size as the fragments come): websockets reads what follows.
                 self.framing, self.frames = Framing.LIBRARY, None
                 rest = b"".join(c.raw for c in cuts[i + 1 :]) + frames.take_partial()
                 if rest:
@@ -260,15 +261,18 @@ class GatewayConnection(ServerConnection):
         buffer and its generator waiting for a frame's first byte (a client that sent frames
         with its handshake request may have left it mid-frame: then it keeps the stream)."""
         protocol = self.protocol
-        waiting: Any = protocol.parser
-        while getattr(waiting, "gi_yieldfrom", None) is not None:
-            waiting = waiting.gi_yieldfrom
-        at_boundary = not protocol.reader.buffer and getattr(waiting, "__name__", "") == "at_eof"
-        max_size = protocol.max_message_size
-        if at_boundary and max_size is not None and not protocol.extensions:
+        self.framing = Framing.LIBRARY
+        try:  # websockets' internals (pinned to 17.x): if they change, it keeps the stream
+            waiting: Any = protocol.parser
+            while getattr(waiting, "gi_yieldfrom", None) is not None:
+                waiting = waiting.gi_yieldfrom
+            at_boundary = not protocol.reader.buffer and getattr(waiting, "__name__", "") == "at_eof"
+            max_size = protocol.max_message_size
+            usable = protocol.current_size is None and not protocol.extensions and max_size is not None
+        except AttributeError:
+            return
+        if at_boundary and usable and max_size is not None:
             self.framing, self.frames = Framing.OURS, ClientFrames(max_size)
-        else:
-            self.framing = Framing.LIBRARY
 
     def process_event(self, event: Any) -> None:
         if type(event) is WsFrame and event.opcode is Opcode.TEXT and event.fin:
