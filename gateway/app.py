@@ -274,7 +274,7 @@ class GatewayConnection(ServerConnection):
                 waiting = waiting.gi_yieldfrom
             at_boundary = not protocol.reader.buffer and getattr(waiting, "__name__", "") == "at_eof"
             max_size = protocol.max_message_size
-            usable = protocol.current_size is None and not protocol.extensions and max_size is not None
+            usable = protocol.current_size is None and not protocol.extensions
         except AttributeError:
             return
         if at_boundary and usable and max_size is not None:
