@@ -35,6 +35,7 @@ from gateway.session import PushVerdict, Session, SessionState
 from server.admin import admin_routes
 from server.config import ClusterConfig
 from server.errors import CloseCode
+from server.gcpolicy import GcPolicy
 from server.hotmetrics import Count, LatencyHistogram
 from server.link import Link
 from server.membership import Membership
@@ -383,6 +384,8 @@ class Gateway:
         self._session_counter = 0
         self.started_at = time.time()
         self.metrics = GatewayMetrics(self)
+        self.gc = GcPolicy(config.gc)
+        self.metrics.registry.register(self.gc)
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -885,6 +888,7 @@ class Gateway:
             "session_states": states,
             "links": {n: bool(link and link.is_open) for n, link in self.links.items()},
             "membership": self.membership.status(),
+            "gc": self.gc.status(),
         }
 
     # -- lifecycle --------------------------------------------------------
@@ -919,6 +923,8 @@ class Gateway:
             origins=origins,
         )
         log.info("gateway started", extra={"url": f"ws://{self.settings.host}:{self.settings.port}/ws"})
+        self.gc.start()
+        self._tasks.append(loop.create_task(self.gc.run()))
         await self._stopping.wait()
         log.info("gateway stopping", extra={"sessions": len(self.sessions)})
         server.close(close_connections=False)
@@ -932,3 +938,4 @@ class Gateway:
             task.cancel()
         await self.membership.leave(self.settings.leave_timeout_s)
         await self.store.close()
+        self.gc.close()

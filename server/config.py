@@ -114,6 +114,19 @@ class GatewaySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class GcSettings:
+    """The garbage collector's policy in the gateway and the nodes (server/gcpolicy.py)."""
+
+    # Freeze what is live after startup and after every full collection, so that a full
+    # collection walks only what is new: pauses of milliseconds, not of a second, with
+    # thousands of sessions. False: CPython's own policy.
+    freeze: bool = True
+    # Unfreeze and collect everything this often, freeing reference cycles among frozen
+    # objects (none are known; each reclaim logs what it freed). One full pause each. 0: never.
+    reclaim_interval_s: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
 class RedisSettings:
     url: str = ""  # empty: start the embedded redis-server on `port`
     host: str = "127.0.0.1"
@@ -142,6 +155,7 @@ class ClusterConfig:
     node: NodeSettings = field(default_factory=NodeSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     swim: SwimConfig = field(default_factory=SwimConfig)
+    gc: GcSettings = field(default_factory=GcSettings)
     nodes: tuple[NodeAddress, ...] = (
         NodeAddress("n1", link_port=7101, admin_port=7201, gossip_port=7301),
         NodeAddress("n2", link_port=7102, admin_port=7202, gossip_port=7302),
@@ -273,7 +287,10 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         node=node,
         gateway=_section(GatewaySettings, data.get("gateway", {}), env, "GATEWAY"),
         swim=_section(SwimConfig, data.get("swim", {}), env, "SWIM"),
+        gc=_section(GcSettings, data.get("gc", {}), env, "GC"),
         nodes=nodes,
     )
+    if config.gc.reclaim_interval_s < 0:
+        raise ConfigError("[gc] reclaim_interval_s must be 0 (never) or more")
     config.gossip_key  # noqa: B018 - fail at load time on bad keys, not in a gossip thread
     return config

@@ -24,6 +24,7 @@ from server.admin import admin_routes
 from server.config import ClusterConfig
 from server.errors import ActorMoved, Overloaded, RingsideError, Unavailable, error_reply, ok_reply
 from server.game import GameState
+from server.gcpolicy import GcPolicy
 from server.hotmetrics import LabelledCounts
 from server.link import Link
 from server.membership import Membership
@@ -229,6 +230,8 @@ class Node:
         self.link_auth_failures = 0  # links cut for a wrong proof or a frame that did not open
         self._tasks: set[asyncio.Task[None]] = set()
         self.metrics = NodeMetrics(self)
+        self.gc = GcPolicy(config.gc)
+        self.metrics.registry.register(self.gc)
         self.persister.on_flushed = self.metrics.flush_seconds.observe
         self._stopping = asyncio.Event()
 
@@ -675,6 +678,7 @@ class Node:
             "redis_errors": self.persister.redis_errors_total,
             "dropped_all_activations": self.self_faulty_drops,
             "membership": self.membership.status(),
+            "gc": self.gc.status(),
         }
 
     # -- lifecycle --------------------------------------------------------
@@ -698,7 +702,9 @@ class Node:
             loop.create_task(self.persister.run()),
             loop.create_task(self._passivation_loop()),
             loop.create_task(self._stall_watchdog()),
+            loop.create_task(self.gc.run()),
         ]
+        self.gc.start()
         log.info(
             "node started",
             extra={"link_port": self.address.link_port, "admin_port": self.address.admin_port},
@@ -719,6 +725,7 @@ class Node:
         )
         admin.close()
         await self.store.close()
+        self.gc.close()
 
     async def _passivation_loop(self) -> None:
         while True:

@@ -112,6 +112,14 @@ def test_metrics_count_a_scripted_workload_and_a_failover(cluster: Cluster) -> N
     )
     code, status = http_json(cluster.local.admin_url("gateway") + "/status")
     assert code == 200 and status["membership"]["members"][VICTIM] == "faulty"
+    # Both kinds of process run the collector's policy (decision 28): startup froze their
+    # modules, and the pauses are exported.
+    for name in ("gateway", "n1"):
+        gc_status = http_json(cluster.local.admin_url(name) + "/status")[1]["gc"]
+        assert gc_status["freeze"] is True and gc_status["frozen_objects"] > 10_000
+        samples = scrape(cluster, name)
+        assert value(samples, "ringside_gc_frozen_objects") > 10_000
+        assert value(samples, "ringside_gc_pause_seconds_count", generation="0") >= 1
 
 
 def test_dashboard_page_and_feed_require_the_admin_token(cluster: Cluster) -> None:
