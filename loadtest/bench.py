@@ -755,6 +755,19 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def gc_status(cluster: Any, names: Sequence[str]) -> dict[str, Any]:
+    """Each process's collector over the whole run (decision 28): collections and longest
+    pause per generation, objects frozen."""
+    from server.cluster import http_json
+
+    out = {}
+    for name in names:
+        code, body = http_json(cluster.admin_url(name) + "/status")
+        if code == 200 and "gc" in body:
+            out[name] = body["gc"]
+    return out
+
+
 def redis_counts(client: Any) -> dict[str, int]:
     stats = client.info("commandstats")
     info = client.info("stats")
@@ -1169,6 +1182,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "bound": bound,
                 "fd_limit": fd_limit(),
             }
+        out["gc"] = gc_status(cluster, server_names)
         out["elapsed_s"] = round(time.monotonic() - started, 1)
         return out
     finally:
@@ -1391,6 +1405,29 @@ def table(r: dict[str, Any]) -> str:
                 f">= 50,000 ({ratio(held, 50_000)})",
             )
         )
+    if r.get("gc", {}).get("gateway"):
+        g = r["gc"]["gateway"]
+        nodes = [v for k, v in r["gc"].items() if k != "gateway"]
+        rows.append(
+            (
+                "longest GC pause over the run, gateway: full / young collections (ms)",
+                f"{g['longest_pause_ms'][2]:.1f} / {max(g['longest_pause_ms'][:2]):.1f}",
+                "",
+                "",
+                "",
+            )
+        )
+        if nodes:
+            rows.append(
+                (
+                    "  the same, nodes (longest of them)",
+                    f"{max(n['longest_pause_ms'][2] for n in nodes):.1f} / "
+                    f"{max(max(n['longest_pause_ms'][:2]) for n in nodes):.1f}",
+                    "",
+                    "",
+                    "",
+                )
+            )
     head = (f"figure (gen_procs={r.get('gen_procs', 1)})", "ringside", "baseline", "ratio", "target")
     widths = [max(len(row[i]) for row in [*rows, head]) for i in range(5)]
     lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
