@@ -9,10 +9,14 @@ every 25 % more sessions every client of the process waited that long.
 The policy: once the process has started, and at the end of every full collection, what is
 live is frozen (`gc.freeze()`, a list splice: the objects move to a permanent generation that
 no collection walks). A full collection then walks only what was made since the previous
-one. The cost: an object frozen while live that later dies in a reference cycle is not
-reclaimed. Sessions and actors die by reference counting (measured: closing 2,000 sessions
-left no cyclic garbage), and every `reclaim_interval_s` the policy unfreezes and collects
-everything once, logging what that freed, so a cycle we did not foresee is bounded.
+one. (CPython sizes its next trigger by the survivors of the last full collection, which are
+now few: full collections come as often as its third threshold allows, each a short walk.)
+
+The cost: an object frozen while live that later dies in a reference cycle is not reclaimed
+by the collector. Sessions and actors die by reference counting (tests/integration/
+test_observability.py checks clean closes and aborted clients), and every
+`reclaim_interval_s` the policy unfreezes and collects everything once, logging what that
+freed; `/admin/gc` does the same at once and names the types it freed.
 
 It also keeps each generation's collections and pauses for /metrics and /status.
 """
@@ -20,8 +24,10 @@ It also keeps each generation's collections and pauses for /metrics and /status.
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import logging
+import random
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -35,6 +41,7 @@ log = logging.getLogger("ringside.gc")
 
 PAUSE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 GENERATIONS = (0, 1, 2)
+RECLAIM_RETRIES = 10  # a reclaim finds another thread collecting: try again a second later
 
 
 class GcPolicy(Collector):
@@ -43,11 +50,15 @@ class GcPolicy(Collector):
         self.collections = [0, 0, 0]
         self.pause_seconds = [0.0, 0.0, 0.0]
         self.longest_pause = [0.0, 0.0, 0.0]
-        self.collected = 0  # unreachable objects found by the collector itself
+        self.collected = 0  # unreachable objects the collector found: cycles being made
         self.reclaims = 0
         self.reclaimed = 0  # objects freed by reclaims: cycles among frozen objects
+        self.reclaim_seconds = 0.0
+        self.longest_reclaim = 0.0
         self._buckets = [[0] * (len(PAUSE_BUCKETS) + 1) for _ in GENERATIONS]
         self._started_at = 0.0
+        self._reclaiming = False
+        self._reclaim_collected = False
         self._installed = False
 
     def start(self) -> None:
@@ -72,8 +83,12 @@ class GcPolicy(Collector):
             self._installed = False
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        # Runs in whichever thread collects; the collector runs one collection at a time.
         if phase == "start":
             self._started_at = time.perf_counter()
+            return
+        if self._reclaiming:  # timed and counted by reclaim(), not as a full collection
+            self._reclaim_collected = True
             return
         pause = time.perf_counter() - self._started_at
         generation = info["generation"]
@@ -92,33 +107,65 @@ class GcPolicy(Collector):
             # The survivors of a full collection are all live: the next one need not walk them.
             gc.freeze()
 
-    def reclaim(self) -> int:
-        """Unfreeze, collect everything, freeze again; returns the objects freed."""
+    def reclaim(self, *, census: bool = False) -> dict[str, Any]:
+        """Unfreeze, collect everything, freeze again. `ran` is False when another thread
+        was collecting (CPython then skips the call); `census` names the types freed, at
+        the cost of a second walk."""
         started = time.perf_counter()
-        gc.unfreeze()
-        freed = gc.collect()
-        if self.settings.freeze:
-            gc.freeze()
-        self.reclaims += 1
-        self.reclaimed += freed
-        log.info(
-            "gc reclaim",
-            extra={
-                "freed": freed,
-                "pause_ms": round((time.perf_counter() - started) * 1000, 1),
-                "frozen": gc.get_freeze_count(),
-            },
-        )
-        return freed
+        self._reclaiming, self._reclaim_collected = True, False
+        types: list[tuple[str, int]] = []
+        try:
+            gc.unfreeze()
+            if not census:
+                freed = gc.collect()
+            else:
+                debug, saved_before = gc.get_debug(), len(gc.garbage)
+                gc.set_debug(debug | gc.DEBUG_SAVEALL)
+                try:
+                    freed = gc.collect()
+                finally:
+                    gc.set_debug(debug)
+                saved = gc.garbage[saved_before:]
+                del gc.garbage[saved_before:]
+                types = collections.Counter(type(o).__name__ for o in saved).most_common(10)
+                del saved
+                gc.collect()  # what the census held is unreachable again
+        finally:
+            self._reclaiming = False
+            if self.settings.freeze:
+                gc.freeze()
+        pause = time.perf_counter() - started
+        ran = self._reclaim_collected
+        if ran:
+            self.reclaims += 1
+            self.reclaimed += freed
+            self.reclaim_seconds += pause
+            self.longest_reclaim = max(self.longest_reclaim, pause)
+        result = {
+            "ran": ran,
+            "freed": freed,
+            "freed_types": types,
+            "pause_ms": round(pause * 1000, 1),
+            "frozen": gc.get_freeze_count(),
+        }
+        if ran:
+            log.info("gc reclaim", extra=result)
+        else:
+            log.warning("gc reclaim skipped: another thread was collecting")
+        return result
 
     async def run(self) -> None:
-        """Reclaim every `reclaim_interval_s` (0: never)."""
+        """Reclaim every `reclaim_interval_s` (0: never), +-10 % so that processes started
+        together do not pause together."""
         interval = self.settings.reclaim_interval_s
         if not self.settings.freeze or interval <= 0:
             return
         while True:
-            await asyncio.sleep(interval)
-            self.reclaim()
+            await asyncio.sleep(interval * random.uniform(0.9, 1.1))
+            for _ in range(RECLAIM_RETRIES):
+                if self.reclaim()["ran"]:
+                    break
+                await asyncio.sleep(1.0)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -126,8 +173,10 @@ class GcPolicy(Collector):
             "frozen_objects": gc.get_freeze_count(),
             "collections": list(self.collections),
             "longest_pause_ms": [round(p * 1000, 2) for p in self.longest_pause],
+            "collected_objects": self.collected,
             "reclaims": self.reclaims,
             "reclaimed_objects": self.reclaimed,
+            "longest_reclaim_ms": round(self.longest_reclaim * 1000, 2),
         }
 
     def collect(self) -> Iterator[Metric]:
@@ -148,6 +197,15 @@ class GcPolicy(Collector):
             "ringside_gc_frozen_objects",
             "Objects in the permanent generation, which collections do not walk",
             value=gc.get_freeze_count(),
+        )
+        yield CounterMetricFamily(
+            "ringside_gc_collected_objects",
+            "Unreachable objects found by the collector: reference cycles the process makes",
+            value=self.collected,
+        )
+        yield CounterMetricFamily("ringside_gc_reclaims", "Reclaims run (decision 28)", value=self.reclaims)
+        yield CounterMetricFamily(
+            "ringside_gc_reclaim_seconds", "Time reclaims paused the process", value=self.reclaim_seconds
         )
         yield CounterMetricFamily(
             "ringside_gc_reclaimed_objects",

@@ -693,7 +693,7 @@ class Node:
             status=self.status,
             health=self.health,
             registry=self.metrics.registry,
-            actions={"drain": self._admin_drain},
+            actions={"drain": self._admin_drain, "gc": lambda: self.gc.reclaim(census=True)},
             admin_token=self.config.admin_token,
         )
         admin = await serve(_no_websocket, self.address.host, self.address.admin_port, process_request=routes)
