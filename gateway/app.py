@@ -176,6 +176,7 @@ class ClientSession:
                 self.outbound = None
                 self.welcome_backlog = False  # drained: the bound is max_outbound again
             self.writer = None
+            break_error_cycles(self.ws)
 
     async def wait_for_space(self) -> None:
         """Backpressure: the replay buffer is full; stop reading this client until it is not."""
@@ -216,6 +217,28 @@ class Framing(enum.Enum):
     PENDING = "pending"  # not open yet: websockets reads the handshake
     OURS = "ours"  # whole frames are cut here (gateway/framing.py); text ones taken at once
     LIBRARY = "library"  # websockets reads every byte (closing, a frame past max_size, ...)
+
+
+def break_error_cycles(connection: Any) -> None:
+    """websockets keeps the errors that ended a connection (the parser's, the handshake's,
+    the socket's), and each error's traceback holds frames that hold the connection: a
+    reference cycle of 13-59 objects that only a full collection frees, and that the
+    collector's policy (decision 28) would keep until its reclaim. Nothing reads those
+    tracebacks later (they were logged, or are a ConnectionClosed's cause). Called when the
+    socket is lost and again once the handler and the writer are done, since a write blocked
+    at the time re-raises the socket's error afterwards."""
+    protocol = getattr(connection, "protocol", None)
+    errors = [
+        getattr(protocol, "parser_exc", None),
+        getattr(protocol, "handshake_exc", None),
+        getattr(connection, "connection_exc", None),
+    ]
+    for error in errors:
+        for _ in range(4):  # the error, then what caused it
+            if error is None:
+                break
+            error.__traceback__ = None
+            error = error.__cause__ or error.__context__
 
 
 class GatewayConnection(ServerConnection):
@@ -283,13 +306,7 @@ class GatewayConnection(ServerConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        # An abrupt end leaves websockets' parser error holding its traceback, whose frame
-        # holds the protocol, which holds the error: a reference cycle of ~13 objects per
-        # connection that only a full collection frees, and that the collector's policy
-        # (decision 28) would keep until its reclaim. The traceback is not read later.
-        error = getattr(self.protocol, "parser_exc", None)
-        if error is not None:
-            error.__traceback__ = None
+        break_error_cycles(self)
 
     def process_event(self, event: Any) -> None:
         if type(event) is WsFrame and event.opcode is Opcode.TEXT and event.fin:
@@ -730,6 +747,7 @@ class Gateway:
         finally:
             if cs is not None:
                 self._close_session(cs)
+            break_error_cycles(ws)
 
     async def _open_session(self, ws: ServerConnection, player: str) -> ClientSession:
         previous = self.sessions_by_player.get(player)

@@ -28,6 +28,7 @@ import collections
 import gc
 import logging
 import random
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -57,7 +58,7 @@ class GcPolicy(Collector):
         self.longest_reclaim = 0.0
         self._buckets = [[0] * (len(PAUSE_BUCKETS) + 1) for _ in GENERATIONS]
         self._started_at = 0.0
-        self._reclaiming = False
+        self._reclaiming: int | None = None  # the thread running a reclaim
         self._reclaim_collected = False
         self._installed = False
 
@@ -87,7 +88,7 @@ class GcPolicy(Collector):
         if phase == "start":
             self._started_at = time.perf_counter()
             return
-        if self._reclaiming:  # timed and counted by reclaim(), not as a full collection
+        if self._reclaiming == threading.get_ident():  # timed and counted by reclaim()
             self._reclaim_collected = True
             return
         pause = time.perf_counter() - self._started_at
@@ -109,33 +110,36 @@ class GcPolicy(Collector):
 
     def reclaim(self, *, census: bool = False) -> dict[str, Any]:
         """Unfreeze, collect everything, freeze again. `ran` is False when another thread
-        was collecting (CPython then skips the call); `census` names the types freed, at
-        the cost of a second walk."""
+        was collecting (CPython then skips the call: what was frozen is frozen again);
+        `census` names the types freed, at the cost of a second walk."""
         started = time.perf_counter()
-        self._reclaiming, self._reclaim_collected = True, False
+        self._reclaiming, self._reclaim_collected = threading.get_ident(), False
         types: list[tuple[str, int]] = []
+        freed = 0
         try:
             gc.unfreeze()
-            if not census:
-                freed = gc.collect()
-            else:
-                debug, saved_before = gc.get_debug(), len(gc.garbage)
+            debug, saved_before = gc.get_debug(), len(gc.garbage)
+            if census:
                 gc.set_debug(debug | gc.DEBUG_SAVEALL)
-                try:
-                    freed = gc.collect()
-                finally:
+            try:
+                freed = gc.collect()
+            finally:
+                if census:
                     gc.set_debug(debug)
-                saved = gc.garbage[saved_before:]
-                del gc.garbage[saved_before:]
+                    try:
+                        saved = gc.garbage[saved_before:]
+                    finally:
+                        del gc.garbage[saved_before:]
+            ran = self._reclaim_collected
+            if census and ran:
                 types = collections.Counter(type(o).__name__ for o in saved).most_common(10)
                 del saved
                 gc.collect()  # what the census held is unreachable again
         finally:
-            self._reclaiming = False
+            self._reclaiming = None
             if self.settings.freeze:
                 gc.freeze()
         pause = time.perf_counter() - started
-        ran = self._reclaim_collected
         if ran:
             self.reclaims += 1
             self.reclaimed += freed

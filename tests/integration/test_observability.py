@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -164,13 +165,26 @@ def test_dashboard_page_and_feed_require_the_admin_token(cluster: Cluster) -> No
     asyncio.run(feed())
 
 
-def test_sessions_frozen_by_the_gc_policy_leave_no_cycles_when_they_end(cluster: Cluster) -> None:
+# What a session or an actor is made of: none of it may be left in a reference cycle.
+SESSION_TYPES = {
+    "GatewayConnection", "ServerProtocol", "StreamReader", "LoggerAdapter", "UUID", "ClientSession",
+    "Session", "ClientFrames", "TokenBucket", "PlayerState", "Activation", "NodeSession",
+}  # fmt: skip
+
+
+def test_sessions_frozen_by_the_gc_policy_leave_no_cycles_when_they_end(
+    make_cluster: Callable[..., Cluster],
+) -> None:
     """Decision 28 freezes live sessions; one that then dies in a reference cycle would be
     kept until the hourly reclaim. Sessions that end cleanly, clients that vanish (aborted
-    sockets), a take-over and an oversized frame must free everything by reference
-    counting: a reclaim, which walks and frees every cycle, finds next to nothing."""
+    sockets), take-overs, oversized frames and connections that never finish their
+    handshake must free everything by reference counting, and so must the actors, which
+    passivate here after a second: a reclaim, which walks and frees every cycle, finds none
+    of their objects."""
+    cluster = make_cluster(extra="[node]\nidle_timeout_s = 1.0")
     players = [f"gcp{i}" for i in range(40)]
     ended: list[int | None] = []
+    host, port = cluster.config.gateway.host, cluster.config.gateway.port
 
     async def main() -> None:
         clients = [await RingsideClient.connect(cluster.url, cluster.token(p)) for p in players]
@@ -178,22 +192,32 @@ def test_sessions_frozen_by_the_gc_policy_leave_no_cycles_when_they_end(cluster:
             await client.request("player.update", {"incr": {"xp": 1}})
         for name in ("gateway", "n1"):  # a reclaim freezes what is live: these sessions
             assert (await asyncio.to_thread(cluster.local.admin, name, "gc"))["ran"]
-        newer = await RingsideClient.connect(cluster.url, cluster.token(players[0]))  # takes over
-        await clients[1].ws.send("x" * (cluster.config.gateway.max_frame_bytes + 1))  # 1009
-        for client in clients[:2]:
+        newer = [await RingsideClient.connect(cluster.url, cluster.token(p)) for p in players[:4]]
+        for client in clients[4:8]:
+            await client.ws.send("x" * (cluster.config.gateway.max_frame_bytes + 1))
+        for client in clients[:8]:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.ws.wait_closed(), 5)
             ended.append(client.ws.close_code)
-        for client in [newer, *clients[2:20]]:
+        for client in [*newer, *clients[8:24]]:
             await client.close()
-        for client in clients[20:]:
-            client.ws.transport.abort()  # the client vanishes: no close frame, a reset
+        for client in clients[24:]:
+            client.ws.transport.abort()  # the client vanishes without a close frame
+        for request in (b"", b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /ws HTTP/1.1\r\nHo"):
+            reader, writer = await asyncio.open_connection(host, port)  # handshake never done
+            writer.write(request)
+            await writer.drain()
+            if request.endswith(b"\r\n\r\n"):
+                await asyncio.wait_for(reader.read(), 5)  # refused: the gateway closes
+            writer.close()
 
     asyncio.run(main())
-    assert ended == [CloseCode.SESSION_REPLACED, CloseCode.TOO_BIG]
+    assert ended == [CloseCode.SESSION_REPLACED] * 4 + [CloseCode.TOO_BIG] * 4
     cluster.wait_durable()  # the gateway has released every session
+    wait_until(lambda: cluster.node_status("n1")["actors"] == 0, 10, "n1's actors passivate")
     for name in ("gateway", "n1"):
         result = cluster.local.admin(name, "gc")
         assert result["ran"]
+        left = {kind for kind, _ in result["freed_types"]} & SESSION_TYPES
         # Without the gateway's cycle break an aborted socket left ~13 objects in a cycle.
-        assert result["freed"] < len(players), (name, result)
+        assert not left and result["freed"] < len(players), (name, result)
