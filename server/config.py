@@ -118,8 +118,8 @@ class GcSettings:
     """The garbage collector's policy in the gateway and the nodes (server/gcpolicy.py)."""
 
     # Freeze what is live after startup and after every full collection, so that a full
-    # collection walks only what is new: pauses of milliseconds, not of a second, with
-    # thousands of sessions. False: CPython's own policy.
+    # collection walks only what is new, not every session the process holds (the gateway's
+    # longest pause 120 ms against 482 ms, ramping to 6,000 sessions). False: CPython's own.
     freeze: bool = True
     # Unfreeze and collect everything this often, freeing reference cycles among frozen
     # objects (none are known; each reclaim logs what it freed). One full pause each. 0: never.
