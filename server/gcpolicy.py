@@ -37,6 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from server.config import GcSettings
+from server.hotmetrics import LatencyHistogram
 
 log = logging.getLogger("ringside.gc")
 
@@ -49,14 +50,13 @@ class GcPolicy(Collector):
     def __init__(self, settings: GcSettings) -> None:
         self.settings = settings
         self.collections = [0, 0, 0]
-        self.pause_seconds = [0.0, 0.0, 0.0]
+        self.pauses = [LatencyHistogram("ringside_gc_pause_seconds", "", PAUSE_BUCKETS) for _ in GENERATIONS]
         self.longest_pause = [0.0, 0.0, 0.0]
         self.collected = 0  # unreachable objects the collector found: cycles being made
         self.reclaims = 0
         self.reclaimed = 0  # objects freed by reclaims: cycles among frozen objects
         self.reclaim_seconds = 0.0
         self.longest_reclaim = 0.0
-        self._buckets = [[0] * (len(PAUSE_BUCKETS) + 1) for _ in GENERATIONS]
         self._started_at = 0.0
         self._reclaiming: int | None = None  # the thread running a reclaim
         self._reclaim_collected = False
@@ -94,19 +94,16 @@ class GcPolicy(Collector):
         pause = time.perf_counter() - self._started_at
         generation = info["generation"]
         self.collections[generation] += 1
-        self.pause_seconds[generation] += pause
+        self.pauses[generation].observe(pause)
         self.longest_pause[generation] = max(self.longest_pause[generation], pause)
         self.collected += info["collected"]
-        buckets = self._buckets[generation]
-        for i, bound in enumerate(PAUSE_BUCKETS):
-            if pause <= bound:
-                buckets[i] += 1
-                break
-        else:
-            buckets[-1] += 1
         if generation == 2 and self.settings.freeze:
             # The survivors of a full collection are all live: the next one need not walk them.
             gc.freeze()
+
+    @property
+    def pause_seconds(self) -> list[float]:
+        return [h.sum for h in self.pauses]
 
     def reclaim(self, *, census: bool = False) -> dict[str, Any]:
         """Unfreeze, collect everything, freeze again. `ran` is False when another thread
@@ -189,13 +186,9 @@ class GcPolicy(Collector):
             "Garbage collections by generation and how long each paused the process",
             labels=["generation"],
         )
-        for generation in GENERATIONS:
-            total = 0
-            buckets = []
-            for bound, n in zip((*PAUSE_BUCKETS, float("inf")), self._buckets[generation], strict=True):
-                total += n
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), total))
-            pauses.add_metric([str(generation)], buckets, sum_value=self.pause_seconds[generation])
+        for generation, histogram in zip(GENERATIONS, self.pauses, strict=True):
+            buckets = [("+Inf" if b == float("inf") else repr(b), n) for b, n in histogram.cumulative()]
+            pauses.add_metric([str(generation)], buckets, sum_value=histogram.sum)
         yield pauses
         yield GaugeMetricFamily(
             "ringside_gc_frozen_objects",
