@@ -6,8 +6,9 @@
 It starts a scratch cluster on free 127.0.0.1 ports (embedded Redis, 3 nodes, gateway; torn
 down at the end) and, as the baseline, a bare `websockets` echo server under uvloop
 (compression off). The load generator runs in its own process (`python -m loadtest.bench
-gen`, asyncio + uvloop, the same `websockets` client and the same request bytes for both
-servers) and is driven over its stdin/stdout, one JSON line per command. The fixed-rate
+gen`, asyncio + uvloop, the same client and the same request bytes for both servers:
+websockets' sans-I/O protocol, one schedule for all its sessions, loadtest/wsclient.py) and
+is driven over its stdin/stdout, one JSON line per command. The fixed-rate
 latency phase (4) and the concurrency phase (8) use --gen-procs such processes (default: the
 core count), started together, with the sessions and the rate split between them; each sends
 back its raw latency samples and late sends, merged here before the percentiles. The echo
@@ -47,6 +48,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import heapq
 import json
 import os
 import random
@@ -64,8 +66,13 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from loadtest.wsclient import ClientConnection
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 ECHO_READY = "echo-ready"
+# The loop's timers count whole milliseconds: a sleep shorter than one wakes at once, and
+# waiting for a send time to the microsecond spins. A send goes up to this much early.
+SEND_EARLY_S = 0.001
 
 
 # -- /proc -----------------------------------------------------------------
@@ -132,14 +139,14 @@ def echo_main(port: int) -> None:
 
 
 class Conn:
-    __slots__ = ("ws", "waiting", "reader", "ids", "player")
+    __slots__ = ("ws", "waiting", "ids", "player", "welcome")
 
-    def __init__(self, ws: Any, player: str) -> None:
-        self.ws = ws
+    def __init__(self, player: str) -> None:
+        self.ws: ClientConnection | None = None
         self.player = player
         self.waiting: dict[int, tuple[float, asyncio.Future[Any] | None]] = {}
         self.ids = 0
-        self.reader: asyncio.Task[None] | None = None
+        self.welcome: asyncio.Future[bytes] | None = None  # the hello's answer, before any reply
 
 
 class Generator:
@@ -151,26 +158,27 @@ class Generator:
         self.answered_all = 0  # replies, warm-up included (for CPU per request)
         self.pushes = 0
 
-    async def _read(self, conn: Conn) -> None:
-        try:
-            async for raw in conn.ws:
-                now = time.perf_counter()
-                msg = orjson.loads(raw)
-                if "ev" in msg:
-                    self.pushes += 1
-                    continue
-                entry = conn.waiting.pop(msg.get("id"), None)
-                if entry is None:
-                    continue
-                self.answered_all += 1
-                if msg.get("ok") is False:
-                    self.errors += 1
-                if self.lat is not None and entry[0] >= self.measure_from:
-                    self.lat.append(now - entry[0])
-                if entry[1] is not None and not entry[1].done():
-                    entry[1].set_result(msg)
-        except Exception:  # noqa: BLE001 - a closed socket ends the reader
-            pass
+    def _on_message(self, conn: Conn, raw: bytes) -> None:
+        now = time.perf_counter()
+        if conn.welcome is not None:
+            welcome, conn.welcome = conn.welcome, None
+            if not welcome.done():
+                welcome.set_result(raw)
+            return
+        msg = orjson.loads(raw)
+        if "ev" in msg:
+            self.pushes += 1
+            return
+        entry = conn.waiting.pop(msg.get("id"), None)
+        if entry is None:
+            return
+        self.answered_all += 1
+        if msg.get("ok") is False:
+            self.errors += 1
+        if self.lat is not None and entry[0] >= self.measure_from:
+            self.lat.append(now - entry[0])
+        if entry[1] is not None and not entry[1].done():
+            entry[1].set_result(msg)
 
     def frame(
         self, conn: Conn, op: str = "player.update", args: dict[str, Any] | None = None
@@ -180,47 +188,48 @@ class Generator:
             args = {"set": {"position": [round(random.uniform(-100, 100), 2) for _ in range(3)]}}
         return conn.ids, orjson.dumps({"id": conn.ids, "op": op, "args": args})
 
-    async def send(
-        self,
-        conn: Conn,
-        op: str = "player.update",
-        args: dict[str, Any] | None = None,
-        wait: bool = True,
-        timeout: float = 10.0,
-    ) -> Any:
+    def send(
+        self, conn: Conn, op: str = "player.update", args: dict[str, Any] | None = None, wait: bool = True
+    ) -> asyncio.Future[Any] | None:
+        """Send one request; with `wait`, a future for its reply."""
+        assert conn.ws is not None
         rid, data = self.frame(conn, op, args)
         future = asyncio.get_running_loop().create_future() if wait else None
         conn.waiting[rid] = (time.perf_counter(), future)
-        await conn.ws.send(data, text=True)
-        if future is None:
-            return None
+        conn.ws.send_text(data)
+        return future
+
+    async def request(
+        self, conn: Conn, op: str = "player.update", args: dict[str, Any] | None = None, timeout: float = 10.0
+    ) -> Any:
+        future = self.send(conn, op, args)
+        assert future is not None
         return await asyncio.wait_for(future, timeout)
 
     async def open_one(self, url: str, secret: str | None, player: str, update: bool) -> tuple[float, float]:
-        from websockets.asyncio.client import connect
-
         from server.tokens import mint
 
         t0 = time.perf_counter()
-        ws = await connect(url, compression=None, open_timeout=15, max_size=2**20, ping_interval=None)
+        conn = Conn(player)
+        conn.welcome = asyncio.get_running_loop().create_future()
+        ws = conn.ws = await ClientConnection.connect(url, lambda raw: self._on_message(conn, raw))
         if secret is not None:
             token = mint(secret.encode(), player, expires_at=int(time.time()) + 3600)
             try:
-                await ws.send(orjson.dumps({"op": "hello", "token": token}), text=True)
-                welcome = orjson.loads(await asyncio.wait_for(ws.recv(decode=False), 15))
+                ws.send_text(orjson.dumps({"op": "hello", "token": token}))
+                welcome = orjson.loads(await asyncio.wait_for(conn.welcome, 15))
                 if welcome.get("op") != "welcome":
                     raise RuntimeError(f"hello refused: {welcome}")
             except BaseException:
                 await ws.close()
                 raise
+        conn.welcome = None
         hello = time.perf_counter() - t0
-        conn = Conn(ws, player)
-        conn.reader = asyncio.get_running_loop().create_task(self._read(conn))
         self.conns.append(conn)
         first = float("nan")
         if update:
             t1 = time.perf_counter()
-            reply = await self.send(conn)
+            reply = await self.request(conn)
             if not reply.get("ok"):
                 raise RuntimeError(f"first update failed: {reply}")
             first = time.perf_counter() - t1
@@ -262,7 +271,7 @@ class Generator:
 
         async def loop(conn: Conn) -> None:
             while time.monotonic() < stop:
-                await self.send(conn)
+                await self.request(conn)
 
         t0 = time.perf_counter()
         results = await asyncio.gather(*(loop(x) for x in conns), return_exceptions=True)
@@ -297,21 +306,36 @@ class Generator:
         t_end = self.measure_from + seconds
         gc.disable()
 
-        async def loop(conn: Conn) -> None:
-            nonlocal sent, behind
-            next_at = t_start + random.uniform(0, interval)
-            while next_at < t_end:
-                delay = next_at - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                elif delay < -0.05 and next_at >= self.measure_from:
-                    behind += 1
-                if len(conn.waiting) < 256:  # bound in-flight per connection
-                    sent += time.perf_counter() >= self.measure_from
-                    await self.send(conn, wait=False)
-                next_at += interval
-
-        results = await asyncio.gather(*(loop(x) for x in conns), return_exceptions=True)
+        # One schedule for every connection (a heap of next send times), not a task and a
+        # timer per connection: the generator's own CPU is taken from the servers measured.
+        schedule = [(t_start + random.uniform(0, interval), i) for i in range(len(conns))]
+        heapq.heapify(schedule)
+        failed = 0
+        in_a_row = 0  # sends since the last wait: behind schedule, let the replies in now and then
+        perf_counter = time.perf_counter
+        while schedule:
+            next_at, i = schedule[0]
+            delay = next_at - perf_counter()
+            if delay > SEND_EARLY_S or in_a_row >= 64:
+                in_a_row = 0
+                await asyncio.sleep(max(delay, 0))
+                continue
+            in_a_row += 1
+            if delay < -0.05 and next_at >= self.measure_from:
+                behind += 1
+            conn = conns[i]
+            if len(conn.waiting) < 256:  # bound in-flight per connection
+                try:
+                    self.send(conn, wait=False)
+                except Exception:  # noqa: BLE001 - a closed connection leaves the schedule
+                    failed += 1
+                    heapq.heappop(schedule)
+                    continue
+                sent += perf_counter() >= self.measure_from
+            if next_at + interval < t_end:
+                heapq.heapreplace(schedule, (next_at + interval, i))
+            else:
+                heapq.heappop(schedule)
         drain_until = time.monotonic() + 5
         while any(x.waiting for x in conns) and time.monotonic() < drain_until:
             await asyncio.sleep(0.01)
@@ -332,7 +356,7 @@ class Generator:
             "achieved_rps": len(lat) / seconds,
             "seconds": elapsed,
             "late_sends": behind,
-            "errors": self.errors + sum(isinstance(r, Exception) for r in results),
+            "errors": self.errors + failed,
             "lat": lat_summary(lat),
         }
         if c.get("raw"):
@@ -348,14 +372,14 @@ class Generator:
         async def group(members: list[Conn]) -> None:
             nonlocal created, joined, failed
             async with sem:
-                reply = await self.send(members[0], "game.create", {"mode": "bench", "max_players": size})
+                reply = await self.request(members[0], "game.create", {"mode": "bench", "max_players": size})
                 if not reply.get("ok"):
                     failed += 1
                     return
                 created += 1
                 game = reply["result"]["game"]
                 for m in members[1:]:
-                    r = await self.send(m, "game.join", {"game": game})
+                    r = await self.request(m, "game.join", {"game": game})
                     joined += bool(r.get("ok"))
                     failed += not r.get("ok")
 
@@ -367,10 +391,9 @@ class Generator:
         conns, self.conns = self.conns, []
 
         async def close(x: Conn) -> None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(x.ws.close(), 5)
-            if x.reader is not None:
-                x.reader.cancel()
+            if x.ws is not None:
+                with contextlib.suppress(Exception):
+                    await x.ws.close()
 
         for i in range(0, len(conns), 500):
             await asyncio.gather(*(close(x) for x in conns[i : i + 500]))
