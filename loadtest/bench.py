@@ -66,13 +66,11 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from loadtest.sendtimer import SendTimer
 from loadtest.wsclient import ClientConnection
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 ECHO_READY = "echo-ready"
-# The loop's timers count whole milliseconds: a sleep shorter than one wakes at once, and
-# waiting for a send time to the microsecond spins. A send goes up to this much early.
-SEND_EARLY_S = 0.001
 
 
 # -- /proc -----------------------------------------------------------------
@@ -313,29 +311,36 @@ class Generator:
         failed = 0
         in_a_row = 0  # sends since the last wait: behind schedule, let the replies in now and then
         perf_counter = time.perf_counter
-        while schedule:
-            next_at, i = schedule[0]
-            delay = next_at - perf_counter()
-            if delay > SEND_EARLY_S or in_a_row >= 64:
-                in_a_row = 0
-                await asyncio.sleep(max(delay, 0))
-                continue
-            in_a_row += 1
-            if delay < -0.05 and next_at >= self.measure_from:
-                behind += 1
-            conn = conns[i]
-            if len(conn.waiting) < 256:  # bound in-flight per connection
-                try:
-                    self.send(conn, wait=False)
-                except Exception:  # noqa: BLE001 - a closed connection leaves the schedule
-                    failed += 1
-                    heapq.heappop(schedule)
+        timer = SendTimer()
+        try:
+            while schedule:
+                next_at, i = schedule[0]
+                if not timer.due(next_at):
+                    in_a_row = 0
+                    await timer.until(next_at)
                     continue
-                sent += perf_counter() >= self.measure_from
-            if next_at + interval < t_end:
-                heapq.heapreplace(schedule, (next_at + interval, i))
-            else:
-                heapq.heappop(schedule)
+                if in_a_row >= 64:
+                    in_a_row = 0
+                    await asyncio.sleep(0)
+                    continue
+                in_a_row += 1
+                if next_at - perf_counter() < -0.05 and next_at >= self.measure_from:
+                    behind += 1
+                conn = conns[i]
+                if len(conn.waiting) < 256:  # bound in-flight per connection
+                    try:
+                        self.send(conn, wait=False)
+                    except Exception:  # noqa: BLE001 - a closed connection leaves the schedule
+                        failed += 1
+                        heapq.heappop(schedule)
+                        continue
+                    sent += perf_counter() >= self.measure_from
+                if next_at + interval < t_end:
+                    heapq.heapreplace(schedule, (next_at + interval, i))
+                else:
+                    heapq.heappop(schedule)
+        finally:
+            timer.close()
         drain_until = time.monotonic() + 5
         while any(x.waiting for x in conns) and time.monotonic() < drain_until:
             await asyncio.sleep(0.01)

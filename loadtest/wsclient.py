@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import cast
 
 from websockets.client import ClientProtocol
-from websockets.frames import Frame, Opcode
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Response
 from websockets.protocol import State
 from websockets.uri import parse_uri
@@ -69,7 +69,7 @@ class ClientConnection(asyncio.Protocol):
 
     async def close(self) -> None:
         if self.protocol.state is State.OPEN:
-            self.protocol.send_close()
+            self.protocol.send_close(CloseCode.NORMAL_CLOSURE)
             self._write()
         try:
             await asyncio.wait_for(asyncio.shield(self.closed), CLOSE_TIMEOUT_S)
