@@ -1,11 +1,10 @@
 """The load generator's WebSocket client: websockets' sans-I/O `ClientProtocol` on an asyncio
 protocol, with no task, lock or queue per connection.
 
-websockets' asyncio client costs the bench's generator ~150-210 us of CPU per message (a send
-lock, a reader task and a future per received message), more than the gateway and every node
-together spend on the request. On a 2-core machine that CPU is taken from the servers under
-test. Here a received text frame goes straight to a callback, and a send is one
-`transport.write`. websockets still does the handshake, the masking, the parsing and the
+Under websockets' asyncio client every received message passes a queue, a future and the
+reader task of its connection before the generator sees it, and every send takes a lock.
+Here a received text frame goes straight to a callback (and is timed there), and a send is
+one `transport.write`. websockets still does the handshake, the masking, the parsing and the
 closing handshake (its `ClientProtocol`, the same as under its asyncio client).
 """
 
@@ -37,6 +36,7 @@ class ClientConnection(asyncio.Protocol):
         self.opened: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
         self.fragments = 0
+        self._abort_later: asyncio.TimerHandle | None = None
 
     @classmethod
     async def connect(
@@ -92,9 +92,7 @@ class ClientConnection(asyncio.Protocol):
         protocol.receive_data(data)
         for event in protocol.events_received():
             if isinstance(event, Response):
-                if protocol.handshake_exc is not None:
-                    self._settle(self.opened, protocol.handshake_exc)
-                else:
+                if protocol.handshake_exc is None:
                     self._settle(self.opened)
             elif not isinstance(event, Frame):
                 continue
@@ -105,10 +103,12 @@ class ClientConnection(asyncio.Protocol):
                     self.fragments += 1
             elif event.opcode is Opcode.CONT:
                 self.fragments += 1
+        if protocol.handshake_exc is not None:  # refused, or a reply that is not HTTP at all
+            self._settle(self.opened, protocol.handshake_exc)
         self._write()
-        if protocol.close_expected() and self.transport is not None:
+        if protocol.close_expected() and self._abort_later is None:
             # The server closes TCP once the closing handshake is done; do not wait forever.
-            asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, self.abort)
+            self._abort_later = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, self.abort)
 
     def eof_received(self) -> bool | None:
         self.protocol.receive_eof()
@@ -116,8 +116,11 @@ class ClientConnection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._abort_later is not None:
+            self._abort_later.cancel()
         self.protocol.receive_eof()
-        error = exc or ConnectionError(f"connection closed (code {self.protocol.close_code})")
+        error = self.protocol.handshake_exc or exc
+        error = error or ConnectionError(f"connection closed (code {self.protocol.close_code})")
         self._settle(self.opened, error)
         self._settle(self.closed)
 

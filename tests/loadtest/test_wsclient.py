@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import InvalidMessage, InvalidStatus
 
-from loadtest.wsclient import ClientConnection
+from loadtest.wsclient import CLOSE_TIMEOUT_S, ClientConnection
 
 Handler = Callable[[ServerConnection], Awaitable[None]]
 
@@ -71,6 +71,26 @@ def test_a_refused_handshake_fails_the_connect() -> None:
         async with server(echo, process_request=refuse) as url:
             with pytest.raises(InvalidStatus):
                 await ClientConnection.connect(url, lambda data: None)
+
+    asyncio.run(main())
+
+
+def test_a_reply_that_is_not_http_fails_the_connect_at_once() -> None:
+    async def main() -> None:
+        async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+            await asyncio.sleep(30)  # and keeps the connection open
+
+        srv = await asyncio.start_server(garbage, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        try:
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(InvalidMessage):
+                await ClientConnection.connect(f"ws://127.0.0.1:{port}/ws", lambda data: None)
+            assert asyncio.get_running_loop().time() - started < CLOSE_TIMEOUT_S
+        finally:
+            srv.close()
 
     asyncio.run(main())
 
