@@ -23,8 +23,8 @@ Figures (issue 6):
       more with every Ringside session on one node: gateway + that node, the issue's
       "owner node" taken literally (one node at the full rate, not three at a third).
  4.   latency at a fixed rate over many sessions: p50 / p99 / max, echo alongside (target p99 < 2 ms).
- 5.   memory: RSS delta per idle session at the gateway (vs the echo's per idle connection,
-      target < 20 KiB) and per idle player actor at the nodes (target < 2 KiB), and per game
+ 5.   memory: RSS delta per idle session at the gateway, 10,000 of them (2,000 with --quick;
+      vs the echo's per idle connection, target < 20 KiB) and per idle player actor at the nodes (target < 2 KiB), and per game
       of 8 players at the nodes.
  6.   write-behind: Redis commands (EVALSHA) and pipelined flushes (round trips) per 1,000
       updates; and the compare-and-set flush path measured in this process through
@@ -968,7 +968,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     quick = args.quick
     phase_s = 3.0 if quick else 8.0
     closed_s = 3.0 if quick else 5.0
-    idle_n = args.idle_sessions or (2000 if quick else 5000)
+    idle_n = args.idle_sessions or (2000 if quick else 10_000)  # the issue's 10,000
     games_n = 50 if quick else 250
     cold_n = 200 if quick else 500
     fixed_sessions, fixed_rate = 200, 2000
