@@ -24,8 +24,8 @@ Figures (issue 6):
       "owner node" taken literally (one node at the full rate, not three at a third).
  4.   latency at a fixed rate over many sessions: p50 / p99 / max, echo alongside (target p99 < 2 ms).
  5.   memory: RSS delta per idle session at the gateway, 10,000 of them (2,000 with --quick;
-      vs the echo's per idle connection, target < 20 KiB) and per idle player actor at the nodes (target < 2 KiB), and per game
-      of 8 players at the nodes.
+      vs the echo's per idle connection, target < 20 KiB) and per idle player actor at the
+      nodes (target < 2 KiB), and per game of 8 players at the nodes.
  6.   write-behind: Redis commands (EVALSHA) and pipelined flushes (round trips) per 1,000
       updates; and the compare-and-set flush path measured in this process through
       server.store.Store against the same Redis, vs plain pipelined SETs of the same blobs
@@ -163,15 +163,17 @@ class Generator:
             if not welcome.done():
                 welcome.set_result(raw)
             return
-        try:
+        msg: Any = None
+        with contextlib.suppress(orjson.JSONDecodeError):
             msg = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            self.errors += 1
+        if not isinstance(msg, dict):
+            self.errors += 1  # not a reply; the session goes on
             return
         if "ev" in msg:
             self.pushes += 1
             return
-        entry = conn.waiting.pop(msg.get("id"), None)
+        rid = msg.get("id")
+        entry = conn.waiting.pop(rid, None) if isinstance(rid, int) else None
         if entry is None:
             return
         self.answered_all += 1
@@ -191,13 +193,19 @@ class Generator:
         return conn.ids, orjson.dumps({"id": conn.ids, "op": op, "args": args})
 
     def send(
-        self, conn: Conn, op: str = "player.update", args: dict[str, Any] | None = None, wait: bool = True
+        self,
+        conn: Conn,
+        op: str = "player.update",
+        args: dict[str, Any] | None = None,
+        wait: bool = True,
+        sent_at: float | None = None,
     ) -> asyncio.Future[Any] | None:
-        """Send one request; with `wait`, a future for its reply."""
+        """Send one request; with `wait`, a future for its reply. Its latency counts from
+        `sent_at` (perf_counter(), default now)."""
         assert conn.ws is not None
         rid, data = self.frame(conn, op, args)
         future = asyncio.get_running_loop().create_future() if wait else None
-        conn.waiting[rid] = (time.perf_counter(), future)
+        conn.waiting[rid] = (time.perf_counter() if sent_at is None else sent_at, future)
         conn.ws.send_text(data)
         return future
 
@@ -306,7 +314,6 @@ class Generator:
             t_start = time.perf_counter() + 0.05
         self.measure_from = t_start + warmup
         t_end = self.measure_from + seconds
-        gc.disable()
         failed = 0
         # One schedule for every connection (a heap of next send times), not a task and a
         # timer per connection: the generator's own CPU is taken from the servers measured.
@@ -314,10 +321,12 @@ class Generator:
         heapq.heapify(schedule)
         in_a_row = 0  # sends since the last wait: behind schedule, let the replies in now and then
         perf_counter = time.perf_counter
-        timer = SendTimer()
-        exact = timer.precise
         fragments = sum(x.ws.fragments for x in conns if x.ws is not None)
+        timer: SendTimer | None = None
+        gc.disable()
         try:
+            timer = SendTimer()
+            exact = timer.precise
             while schedule:
                 next_at, i = schedule[0]
                 if not timer.due(next_at):
@@ -333,9 +342,10 @@ class Generator:
                     behind += 1
                 conn = conns[i]
                 if len(conn.waiting) < 256:  # bound in-flight per connection
-                    sent += perf_counter() >= self.measure_from  # counted as tried, as it was
+                    now = perf_counter()
+                    sent += now >= self.measure_from  # counted as tried, as it was
                     try:
-                        self.send(conn, wait=False)
+                        self.send(conn, wait=False, sent_at=now)
                     except Exception:  # noqa: BLE001 - a closed connection leaves the schedule
                         failed += 1  # and its request stays in `waiting`: unanswered
                         heapq.heappop(schedule)
@@ -348,7 +358,8 @@ class Generator:
             while time.monotonic() < drain_until and any(x.waiting and x.ws and x.ws.open for x in conns):
                 await asyncio.sleep(0.01)
         finally:
-            timer.close()
+            if timer is not None:
+                timer.close()
             elapsed = time.perf_counter() - self.measure_from
             lat, self.lat = self.lat or [], None
             self.measure_from = 0.0

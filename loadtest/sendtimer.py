@@ -45,7 +45,14 @@ def _libc() -> ctypes.CDLL | None:
 
 def exact_send_times() -> bool:
     """Whether a SendTimer here wakes at exact times (a timerfd) rather than by milliseconds."""
-    return _libc() is not None
+    libc = _libc()
+    if libc is None:
+        return False
+    fd = libc.timerfd_create(CLOCK_MONOTONIC, os.O_CLOEXEC)
+    if fd < 0:
+        return False
+    os.close(fd)
+    return True
 
 
 class SendTimer:
