@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import sys
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -14,8 +13,7 @@ import uvloop
 from websockets.asyncio.server import ServerConnection, serve
 
 from loadtest.bench import Generator
-
-LOOPS: dict[str, Callable[[Coroutine[Any, Any, Any]], Any]] = {"asyncio": asyncio.run, "uvloop": uvloop.run}
+from tests.loadtest.conftest import Runner
 
 
 async def echo_close_or_junk(ws: ServerConnection) -> None:
@@ -48,9 +46,8 @@ async def rate_phase(
         return result
 
 
-@pytest.mark.parametrize("loop", LOOPS)
-def test_every_session_sends_at_its_rate_and_every_reply_is_counted(loop: str) -> None:
-    result = LOOPS[loop](rate_phase(sessions=20, rate=400.0, seconds=1.0))
+def test_every_session_sends_at_its_rate_and_every_reply_is_counted(run: Runner) -> None:
+    result = run(rate_phase(sessions=20, rate=400.0, seconds=1.0))
     # 20 sessions at 20/s each for 1 s: 400 sends, give or take one per session at the edges.
     assert abs(result["sent"] - 400) <= 20, result
     assert result["answered"] == result["sent"]
@@ -60,9 +57,8 @@ def test_every_session_sends_at_its_rate_and_every_reply_is_counted(loop: str) -
     assert result["fragments"] == 0
 
 
-@pytest.mark.parametrize("loop", LOOPS)
-def test_a_session_the_server_closes_counts_as_an_error_and_the_rest_go_on(loop: str) -> None:
-    result = LOOPS[loop](rate_phase(sessions=10, rate=200.0, seconds=1.0, paths={0: "/close", 1: "/close"}))
+def test_a_session_the_server_closes_counts_as_an_error_and_the_rest_go_on(run: Runner) -> None:
+    result = run(rate_phase(sessions=10, rate=200.0, seconds=1.0, paths={0: "/close", 1: "/close"}))
     # Each closed session: its sixth request (and any sent before the close arrived) is
     # unanswered; its next send fails, an error, and stays unanswered too.
     assert result["errors"] == 2, result
@@ -72,9 +68,8 @@ def test_a_session_the_server_closes_counts_as_an_error_and_the_rest_go_on(loop:
     assert result["seconds"] < 4.0  # the end waits for open sessions' replies, not for these
 
 
-@pytest.mark.parametrize("loop", LOOPS)
-def test_a_reply_that_is_not_json_is_an_error_and_the_session_goes_on(loop: str) -> None:
-    result = LOOPS[loop](rate_phase(sessions=4, rate=80.0, seconds=1.0, paths={0: "/junk"}))
+def test_a_reply_that_is_not_json_is_an_error_and_the_session_goes_on(run: Runner) -> None:
+    result = run(rate_phase(sessions=4, rate=80.0, seconds=1.0, paths={0: "/junk"}))
     assert result["errors"] == 1, result
     assert result["unanswered"] == 0
     assert result["answered"] == result["sent"] > 60

@@ -7,16 +7,14 @@ import asyncio
 import statistics
 import sys
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any
 
 import pytest
 import uvloop
 
 from loadtest import sendtimer
 from loadtest.sendtimer import SendTimer
+from tests.loadtest.conftest import Runner
 
-LOOPS: dict[str, Callable[[Coroutine[Any, Any, Any]], Any]] = {"asyncio": asyncio.run, "uvloop": uvloop.run}
 DELAYS = [0.0003, 0.0007, 0.0015, 0.02] * 5
 
 
@@ -42,8 +40,7 @@ async def wait_and_count_loop_work(timer: SendTimer, delays: list[float]) -> tup
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="timerfd is Linux's")
-@pytest.mark.parametrize("loop", LOOPS)
-def test_the_timerfd_wakes_at_the_time_asked_never_before(loop: str) -> None:
+def test_the_timerfd_wakes_at_the_time_asked_never_before(run: Runner) -> None:
     async def main() -> None:
         timer = SendTimer()
         assert timer.precise and sendtimer.exact_send_times()
@@ -58,12 +55,11 @@ def test_the_timerfd_wakes_at_the_time_asked_never_before(loop: str) -> None:
         assert statistics.median(late) < 0.002, late
         assert ran >= 5  # the 20 ms waits let the loop's other work run
 
-    LOOPS[loop](main())
+    run(main())
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="timerfd is Linux's")
-@pytest.mark.parametrize("loop", LOOPS)
-def test_close_cancels_a_pending_wait(loop: str) -> None:
+def test_close_cancels_a_pending_wait(run: Runner) -> None:
     async def main() -> None:
         timer = SendTimer()
         waiting = asyncio.ensure_future(timer.until(time.perf_counter() + 60))
@@ -72,7 +68,7 @@ def test_close_cancels_a_pending_wait(loop: str) -> None:
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(waiting, 5)
 
-    LOOPS[loop](main())
+    run(main())
 
 
 def test_without_a_timerfd_it_falls_back_to_the_loop_timer(monkeypatch: pytest.MonkeyPatch) -> None:
