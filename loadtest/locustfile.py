@@ -24,10 +24,13 @@ Reported to locust's statistics (`events.request.fire`, request_type `ws`):
 Chaos (`RINGSIDE_CHAOS`, comma-separated, e.g. `kill:n2@20`, `pause:n2@20`, `drain:n2@20`):
 at that second from the test start the master (or the local runner) SIGKILLs the node,
 SIGSTOPs it for `RINGSIDE_PAUSE_S` (6) seconds, or runs `ringside drain n2`. The chaos
-action itself shows in the report as request_type `chaos`, and at the end the summary
-prints, per event, the requests sent in the `RINGSIDE_STALL_WINDOW_S` (5) seconds after
-it: how many, how many failed, and the longest one (the stall). With `--processes`,
-workers ship per-second buckets to the master with their stats reports.
+action itself shows in the report as request_type `chaos` (timed: how long the kill,
+pause or drain took). Once the requests sent in the `RINGSIDE_STALL_WINDOW_S` (5) seconds
+after it have all been answered or timed out, a second `chaos` row, `<action> <node>:
+longest stall`, carries the longest of them as its response time (and fails, saying how
+many, if any of them failed), so the HTML and CSV reports show it; the summary printed at
+the end says the same per event: how many were sent, how many failed, the longest. With
+`--processes`, workers ship per-second buckets to the master with their stats reports.
 """
 
 from __future__ import annotations
@@ -396,6 +399,41 @@ def _chaos(action: str, node: str, at: float, t0: float) -> None:
         exception=exc,
         context={},
     )
+    # Every request sent in the window has been answered or timed out once a request sent
+    # TIMEOUT_S after the window's end has come back (to the master: in a worker's report).
+    settled = entry["wall"] + STALL_WINDOW_S + TIMEOUT_S
+    while max(_buckets, default=0) < settled and not entry.get("stall_reported"):
+        gevent.sleep(0.5)
+    _fire_stall(entry)
+
+
+def _chaos_window(entry: dict[str, Any]) -> tuple[int, int, float]:
+    """Requests sent from a second before a chaos action to STALL_WINDOW_S after it:
+    how many, how many failed, and the longest (ms)."""
+    start = entry["wall"]
+    window = [b for sec, b in _buckets.items() if start - 1 <= sec < start + STALL_WINDOW_S]
+    return (
+        int(sum(b[0] for b in window)),
+        int(sum(b[1] for b in window)),
+        max((b[2] for b in window), default=0.0),
+    )
+
+
+def _fire_stall(entry: dict[str, Any]) -> None:
+    """The window's longest request as a `chaos` row of its own, so that the HTML and CSV
+    reports show the stall (and as a failure, how many requests in the window failed)."""
+    if entry.get("stall_reported"):
+        return
+    entry["stall_reported"] = True
+    sent, failed, worst = _chaos_window(entry)
+    events.request.fire(
+        request_type="chaos",
+        name=f"{entry['action']} {entry['node']}: longest stall",
+        response_time=worst,
+        response_length=sent,
+        exception=RingsideError(f"{failed} of {sent} requests failed") if failed else None,
+        context={},
+    )
 
 
 @events.test_start.add_listener
@@ -433,11 +471,7 @@ def _on_worker_report(client_id: str, data: dict[str, Any]) -> None:
 def chaos_summary() -> list[str]:
     lines = []
     for entry in _chaos_log:
-        start = entry["wall"]
-        window = [(sec, b) for sec, b in _buckets.items() if start - 1 <= sec < start + STALL_WINDOW_S]
-        sent = sum(b[0] for _, b in window)
-        failed = sum(b[1] for _, b in window)
-        worst = max((b[2] for _, b in window), default=0.0)
+        sent, failed, worst = _chaos_window(entry)
         status = f"FAILED: {entry['error']}" if "error" in entry else f"done in {entry['took_s']:.2f}s"
         lines.append(
             f"chaos {entry['action']} {entry['node']} @{entry['at_s']:g}s ({status}): "
@@ -455,11 +489,15 @@ def _print_summary(environment: Any) -> None:
     if _printed or isinstance(environment.runner, WorkerRunner):
         return
     _printed = True
-    total = environment.stats.total
+    for entry in _chaos_log:
+        _fire_stall(entry)  # if the test ended before its window settled
+    clients = [e for (_, kind), e in environment.stats.entries.items() if kind != "chaos"]
+    requests = sum(e.num_requests for e in clients)
+    failures = sum(e.num_failures for e in clients)
     lines = [
         "ringside locust summary:",
         f"  url {URL}, rate {RATE:g} Hz per user, {GAME_SIZE} players per game",
-        f"  requests {total.num_requests}, failures {total.num_failures}, pushes from other players "
+        f"  requests {requests}, failures {failures}, pushes from other players "
         f"{_others_pushes}, ticks skipped at the in-flight bound ({MAX_IN_FLIGHT}) {_skipped}",
     ]
     lines += ["  " + line for line in chaos_summary()]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from loadtest.harness import write_config
-from server.cluster import LocalCluster
+from server.cluster import LocalCluster, pid_alive
 from server.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,38 +33,26 @@ def scratch_cluster(tmp_path: Path):
         cluster.down()
 
 
-def test_locust_scenario_records_requests_without_failures(scratch_cluster: Path, tmp_path: Path) -> None:
+def run_locust(
+    config: Path, out: Path, *args: str, **settings: str
+) -> tuple[subprocess.CompletedProcess[str], dict[str, dict[str, str]]]:
     locust = Path(sys.executable).with_name("locust")
     if not locust.exists():
         pytest.skip("locust is not installed in this environment")
-    env = dict(os.environ, RINGSIDE_CONFIG=str(scratch_cluster), RINGSIDE_RATE="10", RINGSIDE_CHAOS="")
-    proc = subprocess.run(
-        [
-            str(locust),
-            "-f",
-            str(ROOT / "loadtest" / "locustfile.py"),
-            "--headless",
-            "-u",
-            "8",
-            "-r",
-            "8",
-            "-t",
-            "8s",
-            "--csv",
-            str(tmp_path / "run"),
-            "--only-summary",
-            "--exit-code-on-error",
-            "1",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    env = dict(os.environ, RINGSIDE_CONFIG=str(config), RINGSIDE_RATE="10", RINGSIDE_CHAOS="")
+    env.update(settings)
+    command = [str(locust), "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless"]
+    command += [*args, "--csv", str(out / "run"), "--html", str(out / "report.html"), "--only-summary"]
+    command += ["--exit-code-on-error", "1"]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(tmp_path / "run_stats.csv", newline="") as fh:
+    with open(out / "run_stats.csv", newline="") as fh:
         rows = {row["Name"]: row for row in csv.DictReader(fh)}
+    return proc, rows
+
+
+def test_locust_scenario_records_requests_without_failures(scratch_cluster: Path, tmp_path: Path) -> None:
+    proc, rows = run_locust(scratch_cluster, tmp_path, "-u", "8", "-r", "8", "-t", "8s")
     total = rows["Aggregated"]
     assert int(total["Failure Count"]) == 0, proc.stderr[-3000:]
     # 8 users at 10 Hz for ~8 s: hundreds of updates; one game of 8: one create, seven joins.
@@ -74,3 +63,40 @@ def test_locust_scenario_records_requests_without_failures(scratch_cluster: Path
     # Own actions come back as pushes: their delivery delays are recorded too.
     assert int(rows["game.event echo"]["Request Count"]) > 0
     assert "ringside locust summary" in proc.stderr
+
+
+def test_locust_kills_a_node_with_worker_processes(scratch_cluster: Path, tmp_path: Path) -> None:
+    """`CHAOS=kill:n2@2` under `--processes 2`: the master kills the node, the workers' users
+    ride through it, and the master reports the stall around it from the workers' requests."""
+    pid = LocalCluster(load_config(scratch_cluster, env={}), str(scratch_cluster)).pid("n2")
+    assert pid is not None and pid_alive(pid)
+    proc, rows = run_locust(
+        scratch_cluster,
+        tmp_path,
+        *("-u", "16", "-r", "16", "-t", "12s", "--processes", "2"),
+        RINGSIDE_CHAOS="kill:n2@2",
+        RINGSIDE_STALL_WINDOW_S="3",
+        RINGSIDE_TIMEOUT_S="3",  # the stall row is due once the window's requests are settled
+    )
+    assert not pid_alive(pid), "the chaos action did not kill n2"
+    assert rows["kill n2"]["Type"] == "chaos" and rows["kill n2"]["Request Count"] == "1"
+    # Nothing lost when a node dies: the gateway replays n2's sessions on their new owners.
+    assert int(rows["Aggregated"]["Failure Count"]) == 0, proc.stderr[-3000:]
+    assert int(rows["hello"]["Request Count"]) == 16
+    line = re.search(
+        r"chaos kill n2 @2s \(done in [0-9.]+s\): requests sent in the 3s after it: (\d+), failed (\d+), "
+        r"longest stall (\d+) ms",
+        proc.stderr,
+    )
+    assert line, proc.stderr[-3000:]
+    sent, failed, stall = (int(g) for g in line.groups())
+    # 16 users at 10 Hz over the second before and the 3 after: only the workers send, so
+    # this counts what they shipped to the master.
+    assert sent > 200 and failed == 0, line.group(0)
+    assert stall > 0, line.group(0)
+    # The same stall as a row of its own, fired while the test still ran: the master writes
+    # its HTML report before the final summary.
+    row = rows["kill n2: longest stall"]
+    assert row["Type"] == "chaos" and row["Request Count"] == "1" and row["Failure Count"] == "0"
+    assert abs(float(row["Max Response Time"]) - stall) <= 1, (row, line.group(0))
+    assert "kill n2: longest stall" in (tmp_path / "report.html").read_text()
