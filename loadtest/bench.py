@@ -33,7 +33,8 @@ Figures (issue 6):
  7.   cold activation: hello of a player not in memory (epoch INCR + state load) and its
       first request, p50 / p99, vs a warm hello (actor already in memory).
  8.   concurrency (not with --quick): sessions at one update a second, in steps of ~1.5x,
-      while p99 stays under 50 ms (target 50,000), for the echo (baseline) and Ringside;
+      while p99 stays under 50 ms (target 50,000), then halving the gap to the first step
+      that missed down to ~1/8 of what held, for the echo (baseline) and Ringside;
       bounded by --max-concurrency, the time budget and the open-file limit of a process
       (the gateway and the echo hold a socket per session).
 
@@ -645,61 +646,88 @@ def concurrency_steps(
     pool: GenPool, label: str, url: str, secret: str | None, bound: int, budget_s: float, phase_s: float
 ) -> dict[str, Any]:
     """Sessions at one update a second each, in steps of about 1.5x, until the p99 reaches
-    50 ms (twice in a row at one step), a session fails to open, `bound` or the time budget;
-    returns the steps and the most sessions held with p99 under 50 ms. Leaves no session
-    open."""
+    50 ms (twice in a row at one step), a session fails to open, `bound` or the time budget.
+    Past the first step that misses, the gap to the last one held is halved (with the
+    sessions opened anew) while it is wider than an eighth of what was held and time is
+    left. Returns the steps and the most sessions held with p99 under 50 ms. Leaves no
+    session open."""
     if any(g.open for g in pool.gens):
         raise RuntimeError("concurrency steps start from a pool with no session open")
     steps: list[dict[str, Any]] = []
     held = n_open = 0
+    missed_at = 0  # the fewest sessions that missed
     stopped = "the bound"
     budget = time.monotonic() + budget_s
+    opened = 0  # players ever opened: each step's new sessions are new players
+
+    def measure(target: int) -> str | None:
+        """Grow the pool to `target` sessions and measure; None if held, else why not."""
+        nonlocal n_open, opened
+        log(f"concurrency, {label}: {target:,} sessions at 1 update/s ({len(pool)} generator processes)")
+        asked = target - n_open
+        r = pool.open(
+            url=url,
+            secret=secret,
+            players=players(f"cc{label[0]}{opened}-", asked),
+            update=secret is not None,
+            concurrency=200,
+            timeout=max(5.0, budget - time.monotonic()),
+        )
+        opened += asked
+        n_open = r["total_open"]
+        if r["failed"]:
+            steps.append({"sessions": n_open, "open_failed": r["failed"], "error": r["first_error"]})
+            if r["first_error"] == "time budget":
+                return "the time budget"
+            return f"{r['failed']:,} of {asked:,} failing to open"
+        # A step that misses is measured once more before it counts: one pause of a
+        # process (a full garbage collection over thousands of connections, say) can
+        # put a single phase's p99 past 50 ms, for the echo as for Ringside.
+        for _ in range(2):
+            res = pool.rate(rate=float(n_open), seconds=phase_s)
+            steps.append(
+                {
+                    "sessions": n_open,
+                    **res["lat"],
+                    "achieved_rps": res["achieved_rps"],
+                    "late_sends": res["late_sends"],
+                    "unanswered": res["unanswered"],
+                    "errors": res["errors"],
+                }
+            )
+            if res["lat"]["p99_ms"] < 50 and not res["unanswered"] and not res["errors"]:
+                return None
+        missed = [f"p99 {res['lat']['p99_ms']:.0f} ms"]
+        missed += [f"{res[k]:,} {k}" for k in ("unanswered", "errors") if res[k]]
+        return f"{', '.join(missed)} at {n_open:,}"
+
     try:
         while n_open < bound:
             if time.monotonic() >= budget:
                 stopped = "the time budget"
                 break
             target = min(bound, max(1000, int(n_open * 1.5 / 500 + 0.5) * 500))
-            log(f"concurrency, {label}: {target:,} sessions at 1 update/s ({len(pool)} generator processes)")
-            asked = target - n_open
-            r = pool.open(
-                url=url,
-                secret=secret,
-                players=players(f"cc{label[0]}{n_open}-", asked),
-                update=secret is not None,
-                concurrency=200,
-                timeout=max(5.0, budget - time.monotonic()),
-            )
-            n_open = r["total_open"]
-            if r["failed"]:
-                steps.append({"sessions": n_open, "open_failed": r["failed"], "error": r["first_error"]})
-                if r["first_error"] == "time budget":
-                    stopped = "the time budget"
-                else:
-                    stopped = f"{r['failed']:,} of {asked:,} failing to open"
+            why = measure(target)
+            if why is not None:
+                stopped = why
+                missed_at = n_open if why.startswith("p99") else 0
                 break
-            # A step that misses is measured once more before it counts: one pause of a
-            # process (a full garbage collection over thousands of connections, say) can
-            # put a single phase's p99 past 50 ms, for the echo as for Ringside.
-            for _ in range(2):
-                res = pool.rate(rate=float(n_open), seconds=phase_s)
-                steps.append(
-                    {
-                        "sessions": n_open,
-                        **res["lat"],
-                        "achieved_rps": res["achieved_rps"],
-                        "late_sends": res["late_sends"],
-                        "unanswered": res["unanswered"],
-                        "errors": res["errors"],
-                    }
-                )
-                if res["lat"]["p99_ms"] < 50 and not res["unanswered"] and not res["errors"]:
-                    held = n_open
-                    break
-            if held != n_open:
-                missed = [f"p99 {res['lat']['p99_ms']:.0f} ms"]
-                missed += [f"{res[k]:,} {k}" for k in ("unanswered", "errors") if res[k]]
-                stopped = f"{', '.join(missed)} at {n_open:,}"
+            held = n_open
+        # Halve the gap between the last step held and the first that missed.
+        while held and missed_at and missed_at - held > max(250, held // 8):
+            if time.monotonic() >= budget:
+                stopped += "; the time budget ended the halving"
+                break
+            pool.close()
+            n_open = 0
+            target = (held + missed_at) // 500 * 250
+            why = measure(target)
+            if why is None:
+                held = n_open
+            elif why.startswith("p99"):
+                stopped, missed_at = why, n_open
+            else:
+                stopped += f"; halving: {why}"
                 break
     except BaseException:
         with contextlib.suppress(Exception):  # the first error is the one to see
@@ -1508,7 +1536,7 @@ def main(argv: list[str] | None = None) -> int:
         help="bound of the concurrency steps, below the open-file limit (0: skip)",
     )
     p.add_argument(
-        "--concurrency-budget-s", type=float, default=120.0, help="time for each server's concurrency steps"
+        "--concurrency-budget-s", type=float, default=180.0, help="time for each server's concurrency steps"
     )
     p.add_argument("--json-out", default="", help="also write the JSON figures to this file")
     p.add_argument(
