@@ -718,9 +718,11 @@ def concurrency_steps(
             if time.monotonic() >= budget:
                 stopped += "; the time budget ended the halving"
                 break
+            target = held + max(250, (missed_at - held) // 2 // 250 * 250)
+            if target >= missed_at:
+                break
             pool.close()
             n_open = 0
-            target = (held + missed_at) // 500 * 250
             why = measure(target)
             if why is None:
                 held = n_open

@@ -25,12 +25,15 @@ Chaos (`RINGSIDE_CHAOS`, comma-separated, e.g. `kill:n2@20`, `pause:n2@20`, `dra
 at that second from the test start the master (or the local runner) SIGKILLs the node,
 SIGSTOPs it for `RINGSIDE_PAUSE_S` (6) seconds, or runs `ringside drain n2`. The chaos
 action itself shows in the report as request_type `chaos` (timed: how long the kill,
-pause or drain took). Once the requests sent in the `RINGSIDE_STALL_WINDOW_S` (5) seconds
-after it have all been answered or timed out, a second `chaos` row, `<action> <node>:
-longest stall`, carries the longest of them as its response time (and fails, saying how
-many, if any of them failed), so the HTML and CSV reports show it; the summary printed at
-the end says the same per event: how many were sent, how many failed, the longest. With
-`--processes`, workers ship per-second buckets to the master with their stats reports.
+pause or drain took). Its window is the requests sent from the start of its second through
+`RINGSIDE_STALL_WINDOW_S` (5) seconds after it. Once they have all been answered or timed out
+(`RINGSIDE_TIMEOUT_S` later, plus a worker report's interval under `--processes`), a second
+`chaos` row, `<action> <node>: longest stall`, carries the longest of them as its response
+time and their count as its content size, and fails, saying how many, if any of them
+failed: the HTML and CSV reports show it if the test runs on for window + timeout + ~6 s
+(21 s by default) after the event. The summary printed at the end says the same per event:
+how many were sent, how many failed, the longest (and warns when the test ended too soon).
+With `--processes`, workers ship per-second buckets to the master with their stats reports.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ import orjson
 import websocket  # websocket-client
 from gevent.event import AsyncResult
 from locust import User, constant_pacing, events, task
-from locust.runners import LocalRunner, MasterRunner, WorkerRunner
+from locust.runners import WORKER_REPORT_INTERVAL, LocalRunner, MasterRunner, WorkerRunner
 
 from server.cluster import LocalCluster
 from server.config import load_config
@@ -363,7 +366,7 @@ def parse_chaos(spec: str) -> list[tuple[str, str, float]]:
 CHAOS_PLAN = parse_chaos(CHAOS)
 
 
-def _chaos(action: str, node: str, at: float, t0: float) -> None:
+def _chaos(action: str, node: str, at: float, t0: float, distributed: bool) -> None:
     gevent.sleep(max(0.0, t0 + at - time.time()))
     cluster = LocalCluster(CONFIG, CONFIG_PATH, progress=lambda msg: log.info(msg))
     entry: dict[str, Any] = {"action": action, "node": node, "at_s": at, "wall": time.time()}
@@ -399,19 +402,25 @@ def _chaos(action: str, node: str, at: float, t0: float) -> None:
         exception=exc,
         context={},
     )
-    # Every request sent in the window has been answered or timed out once a request sent
-    # TIMEOUT_S after the window's end has come back (to the master: in a worker's report).
-    settled = entry["wall"] + STALL_WINDOW_S + TIMEOUT_S
-    while max(_buckets, default=0) < settled and not entry.get("stall_reported"):
-        gevent.sleep(0.5)
+    # The stall row waits until every request sent in the window has been answered or has
+    # timed out (the user's tick expires it), and, under --processes, until the workers'
+    # reports (every WORKER_REPORT_INTERVAL s) have brought that to the master.
+    margin = 0.5 + (WORKER_REPORT_INTERVAL + 1.0 if distributed else 0.0)
+    gevent.sleep(max(0.0, _window(entry)[1] + TIMEOUT_S + margin - time.time()))
     _fire_stall(entry)
 
 
+def _window(entry: dict[str, Any]) -> tuple[int, int]:
+    """The seconds (of send time) a chaos event's window spans: from the one it happened
+    in through STALL_WINDOW_S after it; [first, end)."""
+    return int(entry["wall"]), int(entry["wall"] + STALL_WINDOW_S) + 1
+
+
 def _chaos_window(entry: dict[str, Any]) -> tuple[int, int, float]:
-    """Requests sent from a second before a chaos action to STALL_WINDOW_S after it:
-    how many, how many failed, and the longest (ms)."""
-    start = entry["wall"]
-    window = [b for sec, b in _buckets.items() if start - 1 <= sec < start + STALL_WINDOW_S]
+    """Requests sent in a chaos event's window: how many, how many failed, and the longest
+    (ms)."""
+    first, end = _window(entry)
+    window = [b for sec, b in _buckets.items() if first <= sec < end]
     return (
         int(sum(b[0] for b in window)),
         int(sum(b[1] for b in window)),
@@ -443,7 +452,7 @@ def _on_test_start(environment: Any, **_: Any) -> None:
         return
     t0 = time.time()
     for action, node, at in CHAOS_PLAN:
-        gevent.spawn(_chaos, action, node, at, t0)
+        gevent.spawn(_chaos, action, node, at, t0, isinstance(runner, MasterRunner))
 
 
 @events.report_to_master.add_listener
@@ -472,12 +481,23 @@ def chaos_summary() -> list[str]:
     lines = []
     for entry in _chaos_log:
         sent, failed, worst = _chaos_window(entry)
-        status = f"FAILED: {entry['error']}" if "error" in entry else f"done in {entry['took_s']:.2f}s"
+        if "error" in entry:
+            status = f"FAILED: {entry['error']}"
+        elif "took_s" in entry:
+            status = f"done in {entry['took_s']:.2f}s"
+        else:
+            status = "still running"
         lines.append(
             f"chaos {entry['action']} {entry['node']} @{entry['at_s']:g}s ({status}): "
-            f"requests sent in the {STALL_WINDOW_S:g}s after it: {sent}, failed {failed}, "
+            f"requests sent from its second through {STALL_WINDOW_S:g}s after it: {sent}, failed {failed}, "
             f"longest stall {worst:.0f} ms"
         )
+        if entry.get("stall_late"):
+            lines.append(
+                "  (the test ended before this window settled, so the figures may miss requests "
+                "still in flight and the HTML/CSV reports may lack its stall row: run at least "
+                f"{STALL_WINDOW_S + TIMEOUT_S + 6:g}s past the event)"
+            )
     return lines
 
 
@@ -490,7 +510,9 @@ def _print_summary(environment: Any) -> None:
         return
     _printed = True
     for entry in _chaos_log:
-        _fire_stall(entry)  # if the test ended before its window settled
+        if not entry.get("stall_reported"):  # the test ended before its window settled
+            entry["stall_late"] = True
+            _fire_stall(entry)
     clients = [e for (_, kind), e in environment.stats.entries.items() if kind != "chaos"]
     requests = sum(e.num_requests for e in clients)
     failures = sum(e.num_failures for e in clients)

@@ -117,3 +117,15 @@ def test_the_time_budget_ends_the_halving(monkeypatch: pytest.MonkeyPatch) -> No
     assert pool.rates == [1_000, 1_500, 2_500, 4_000, 6_000, 9_000, 9_000]
     assert r["held_p99_under_50ms"] == 6_000
     assert r["stopped_by"] == "p99 80 ms at 9,000; the time budget ended the halving"
+
+
+@pytest.mark.parametrize("bound", [1_300, 1_800, 2_900])
+def test_a_bound_off_the_grid_is_halved_toward_and_never_remeasured(bound: int) -> None:
+    pool = ScriptedPool(lambda n: 10.0 if n < bound else 80.0)
+    r = search(pool, bound=bound)
+    held = r["held_p99_under_50ms"]
+    assert bound - held <= max(250, held // 8)
+    # Each session count is measured once when it holds (twice only when it misses).
+    held_counts = [n for n in pool.rates if n < bound]
+    assert len(held_counts) == len(set(held_counts)), pool.rates
+    assert r["stopped_by"] == f"p99 80 ms at {bound:,}"

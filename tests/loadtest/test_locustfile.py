@@ -73,7 +73,7 @@ def test_locust_kills_a_node_with_worker_processes(scratch_cluster: Path, tmp_pa
     proc, rows = run_locust(
         scratch_cluster,
         tmp_path,
-        *("-u", "16", "-r", "16", "-t", "12s", "--processes", "2"),
+        *("-u", "16", "-r", "16", "-t", "16s", "--processes", "2"),
         RINGSIDE_CHAOS="kill:n2@2",
         RINGSIDE_STALL_WINDOW_S="3",
         RINGSIDE_TIMEOUT_S="3",  # the stall row is due once the window's requests are settled
@@ -84,19 +84,23 @@ def test_locust_kills_a_node_with_worker_processes(scratch_cluster: Path, tmp_pa
     assert int(rows["Aggregated"]["Failure Count"]) == 0, proc.stderr[-3000:]
     assert int(rows["hello"]["Request Count"]) == 16
     line = re.search(
-        r"chaos kill n2 @2s \(done in [0-9.]+s\): requests sent in the 3s after it: (\d+), failed (\d+), "
+        r"chaos kill n2 @2s \(done in [0-9.]+s\): requests sent from its second through 3s after it: (\d+), "
+        r"failed (\d+), "
         r"longest stall (\d+) ms",
         proc.stderr,
     )
     assert line, proc.stderr[-3000:]
     sent, failed, stall = (int(g) for g in line.groups())
-    # 16 users at 10 Hz over the second before and the 3 after: only the workers send, so
+    # 16 users at 10 Hz from the kill's second through 3 s after it: only the workers send, so
     # this counts what they shipped to the master.
     assert sent > 200 and failed == 0, line.group(0)
     assert stall > 0, line.group(0)
-    # The same stall as a row of its own, fired while the test still ran: the master writes
-    # its HTML report before the final summary.
+    # The same stall as a row of its own, fired once the window settled (kill at 2 s, window
+    # to 6 s, timeout 3 s, a worker report: ~13 s), while the test still ran: the master
+    # writes its HTML report before the final summary.
     row = rows["kill n2: longest stall"]
     assert row["Type"] == "chaos" and row["Request Count"] == "1" and row["Failure Count"] == "0"
     assert abs(float(row["Max Response Time"]) - stall) <= 1, (row, line.group(0))
+    assert round(float(row["Average Content Size"])) == sent, (row, line.group(0))  # the whole window
     assert "kill n2: longest stall" in (tmp_path / "report.html").read_text()
+    assert "the test ended before this window settled" not in proc.stderr
