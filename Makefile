@@ -47,11 +47,11 @@ add-node: $(STAMP)
 	$(RINGSIDE) add-node $(NODE)
 
 restart: $(STAMP)
-	@test -n "$(NODE)" || (echo "usage: make restart NODE=n2" && exit 2)
+	@test -n "$(NODE)" || (echo "usage: make restart NODE=n2 (or NODE=gateway)" && exit 2)
 	$(RINGSIDE) restart $(NODE)
 
 deploy: $(STAMP)
-	$(RINGSIDE) deploy
+	$(RINGSIDE) deploy $(if $(GATEWAY),--gateway,)
 
 # Load tests against the running cluster (`make up` first). USERS, RATE (Hz per user),
 # DURATION (e.g. 60s) and CHAOS (e.g. kill:n2@20) are passed to the locustfile.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -12,7 +13,7 @@ import time
 import orjson
 
 from server.cluster import ClusterError, LocalCluster
-from server.config import DEV_SECRET, ConfigError, load_config
+from server.config import DEV_SECRET, ClusterConfig, ConfigError, load_config
 from server.tokens import TokenError, mint
 
 DEFAULT_CONFIG = "configs/local.toml"
@@ -24,12 +25,23 @@ def _run_async(main: object) -> None:
     uvloop.run(main)  # type: ignore[arg-type]
 
 
+def _warn_development_credentials(config: ClusterConfig) -> None:
+    found = config.development_credentials()
+    if found:
+        logging.getLogger("ringside").warning(
+            "using the public development credentials: anyone can mint tokens or run admin actions; "
+            "set %s in any real deployment",
+            " and ".join(found),
+        )
+
+
 def cmd_node(args: argparse.Namespace) -> int:
     from server.logs import setup_logging
     from server.node import Node
 
     config = load_config(args.config)
     setup_logging(args.name, config.log_level)
+    _warn_development_credentials(config)
     _run_async(Node(config, args.name).run())
     return 0
 
@@ -40,6 +52,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     setup_logging("gateway", config.log_level)
+    _warn_development_credentials(config)
     _run_async(Gateway(config).run())
     return 0
 
@@ -69,9 +82,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
     print(
         "\nGossip keyring rotation, with no downtime (cluster.gossip_keys or RINGSIDE_GOSSIP_KEYS,\n"
         "comma-separated; the first key seals, every key opens):\n"
-        "  1. append the new key on every member, restart them one by one (`make deploy`);\n"
-        "  2. move it first on every member, deploy again: members now seal with it;\n"
-        "  3. remove the old key, deploy again.",
+        "  1. append the new key on every member (the nodes and the gateway) and restart them all,\n"
+        "     one at a time: `make deploy GATEWAY=1` (the gateway last; its clients reconnect);\n"
+        "  2. move it first on every member, deploy again the same way: members now seal with it;\n"
+        "  3. remove the old key, deploy again.\n"
+        "Finish each step on every member, the gateway too, before the next: a member that still\n"
+        "lacks the key others seal with cannot read them.",
         file=sys.stderr,
     )
     return 0
@@ -161,7 +177,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = _cluster(args).status()
     if args.json:
         print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
-        return 0 if all(r["healthy"] for r in rows) else 1
+        return 0 if all(r["healthy"] or r.get("drained") for r in rows) else 1
     print(
         f"{'NAME':<9} {'PID':>7}  {'HEALTH':<9} {'MEMBER':<8} {'INC':>3} {'CHECKSUM':<10} "
         f"{'ACTORS':>7} {'SESSIONS':>8} {'DIRTY':>6}  DETAIL"
@@ -169,7 +185,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     for r in rows:
         s = r.get("status", {})
         m = s.get("membership", {})
-        health = "healthy" if r["healthy"] else ("down" if not r["running"] else "unhealthy")
+        if r["healthy"]:
+            health = "healthy"
+        elif r["running"]:
+            health = "unhealthy"
+        else:
+            health = "drained" if r.get("drained") else "down"
         state = m.get("members", {}).get(r["name"], "-")
         print(
             f"{r['name']:<9} {r['pid'] or '-':>7}  {health:<9} {state:<8} {m.get('incarnation', '-'):>3} "
@@ -179,7 +200,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     views = {r["status"]["membership"]["checksum"] for r in rows if r.get("status", {}).get("membership")}
     if len(views) > 1:
         print(f"membership views differ ({len(views)} checksums): gossip is still converging")
-    return 0 if all(r["healthy"] for r in rows) else 1
+    # A node drained on purpose is not a failure; one that died (or was killed) is.
+    return 0 if all(r["healthy"] or r.get("drained") for r in rows) else 1
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
@@ -211,7 +233,7 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    _cluster(args).deploy()
+    _cluster(args).deploy(gateway=args.gateway)
     return 0
 
 
@@ -244,12 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
     for command, func, text in (
         ("drain", cmd_drain, "hand a node's actors and sessions to others, then stop it"),
         ("add-node", cmd_add_node, "start a node (e.g. a standby from the config) and join it"),
-        ("restart", cmd_restart, "drain a node, start it again, wait until it serves"),
+        ("restart", cmd_restart, "drain a node (or `gateway`), start it again, wait until it serves"),
     ):
         p = sub.add_parser(command, help=text)
         p.add_argument("name")
         p.set_defaults(func=func)
-    sub.add_parser("deploy", help="rolling restart of every node").set_defaults(func=cmd_deploy)
+    p = sub.add_parser("deploy", help="rolling restart of every node (and with --gateway, the gateway)")
+    p.add_argument(
+        "--gateway", action="store_true", help="restart the gateway too, last (its clients reconnect)"
+    )
+    p.set_defaults(func=cmd_deploy)
     p = sub.add_parser("kill", help="SIGKILL one process (failure drill)")
     p.add_argument("name")
     p.set_defaults(func=cmd_kill)

@@ -83,6 +83,10 @@ class LocalCluster:
     def log_file(self, name: str) -> Path:
         return self.run_dir / f"{name}.log"
 
+    def drained_file(self, name: str) -> Path:
+        """Present while a node that was drained on purpose stays stopped."""
+        return self.run_dir / f"{name}.drained"
+
     def pid(self, name: str) -> int | None:
         try:
             pid = int(self.pid_file(name).read_text().strip())
@@ -100,6 +104,7 @@ class LocalCluster:
         if self.pid(name) is not None:
             raise ClusterError(f"{name} is already running (pid {self.pid(name)}); `make down` first")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.drained_file(name).unlink(missing_ok=True)
         env = dict(os.environ, RINGSIDE_RUN_DIR=str(self.run_dir))
         with open(self.log_file(name), "ab") as log:
             proc = subprocess.Popen(
@@ -232,6 +237,8 @@ class LocalCluster:
             self.progress(f"  {name} stopped")
         for name in self.stop(*self.config.all_node_names):
             self.progress(f"  {name} stopped (flushed)")
+        for name in self.config.all_node_names:
+            self.drained_file(name).unlink(missing_ok=True)
         if self.config.redis.embedded:
             for name in self.stop("redis"):
                 self.progress(f"  {name} stopped")
@@ -277,6 +284,7 @@ class LocalCluster:
                     )
             time.sleep(0.02)
         self.pid_file(name).unlink(missing_ok=True)
+        self.drained_file(name).touch()
         elapsed = time.monotonic() - started
         self.progress(
             f"drained {name} in {elapsed:.2f}s: {before.get('sessions', 0)} sessions re-pinned, "
@@ -309,23 +317,57 @@ class LocalCluster:
         return elapsed
 
     def restart(self, name: str) -> float:
+        """Drain a node and start it again (a node that is not running, say after a kill, is
+        only started); or restart the gateway, whose clients reconnect."""
+        if name == "gateway":
+            return self.restart_gateway()
         started = time.monotonic()
-        self.drain(name)
+        if self.pid(name) is None:
+            self.progress(f"{name} is not running: starting it")
+        else:
+            self.drain(name)
         self.start_node(name)
         self.wait_in_ring(name)
         elapsed = time.monotonic() - started
         self.progress(f"restarted {name} in {elapsed:.2f}s")
         return elapsed
 
-    def deploy(self) -> float:
-        """Rolling restart: each running node in turn, the next only once it serves again."""
+    def restart_gateway(self) -> float:
+        """Stop the gateway (its clients get 1001 and reconnect; their actors stay on the
+        nodes), start it, and wait until it routes to every running node."""
+        started = time.monotonic()
+        self.stop("gateway")
+        self.start_gateway()
+        for node in self.config.all_node_names:
+            if self.pid(node) is not None:
+                self.wait_in_ring(node)
+        elapsed = time.monotonic() - started
+        self.progress(f"restarted the gateway in {elapsed:.2f}s: its clients reconnect (close 1001)")
+        return elapsed
+
+    def deploy(self, *, gateway: bool = False) -> float:
+        """Rolling restart: each running node in turn, the next only once it serves again;
+        then, with `gateway`, the gateway (its clients reconnect once)."""
         started = time.monotonic()
         names = [n for n in self.config.all_node_names if self.pid(n) is not None]
+        steps = len(names) + gateway
         for i, name in enumerate(names, 1):
-            self.progress(f"[{i}/{len(names)}] restarting {name}")
+            self.progress(f"[{i}/{steps}] restarting {name}")
             self.restart(name)
+        if gateway:
+            self.progress(f"[{steps}/{steps}] restarting the gateway")
+            self.restart_gateway()
         elapsed = time.monotonic() - started
-        self.progress(f"deployed: {len(names)} nodes restarted one at a time in {elapsed:.1f}s")
+        self.progress(
+            f"deployed: {len(names)} nodes restarted one at a time"
+            + (" and the gateway" if gateway else "")
+            + f" in {elapsed:.1f}s"
+        )
+        if not gateway:
+            self.progress(
+                "  the gateway was not restarted (it keeps its code, config and gossip keys): "
+                "`make deploy GATEWAY=1` or `make restart NODE=gateway` does it; its clients reconnect"
+            )
         return elapsed
 
     def kill(self, name: str) -> int:
@@ -364,5 +406,6 @@ class LocalCluster:
                 row["status"] = status or {}
             else:
                 row["healthy"] = False
+                row["drained"] = self.drained_file(name).exists()
             rows.append(row)
         return rows

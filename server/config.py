@@ -166,6 +166,15 @@ class ClusterConfig:
     def secret_bytes(self) -> bytes:
         return self.secret.encode()
 
+    def development_credentials(self) -> list[str]:
+        """The well-known development values still in use, as the settings that replace them."""
+        found = []
+        if self.secret == DEV_SECRET:
+            found.append("RINGSIDE_SECRET (cluster.secret)")
+        if self.admin_token == DEV_ADMIN_TOKEN:
+            found.append("RINGSIDE_ADMIN_TOKEN (cluster.admin_token)")
+        return found
+
     @property
     def gossip_key(self) -> GossipKey:
         if self.gossip_keys:

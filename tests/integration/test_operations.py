@@ -4,12 +4,18 @@ equal to its acknowledged increments, game streams without gap or duplicate."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import subprocess
+import sys
 import time
 
+import orjson
 import pytest
 
+from gateway.client import RingsideClient
 from loadtest.checker import IncrementLoad
 from server.cluster import pid_alive
+from tests.integration.conftest import wait_until
 from tests.integration.test_games import check_streams, drain_events, start_game
 
 PLAYERS = [f"o{i}" for i in range(200)]
@@ -92,3 +98,85 @@ def test_drain_add_node_and_rolling_restart_under_load(make_cluster, handoff):
     assert sum(p.errors for p in load.players.values()) == 0
     assert state["scores"] == scores
     print(f"drain {drain_time:.2f}s, rolling restart of 3 nodes {deploy_time:.1f}s")
+
+
+def test_gossip_keys_rotate_with_every_member_restarted(make_cluster, monkeypatch):
+    """`ringside keys`' three steps, each a `deploy --gateway`: the members keep reading each
+    other throughout (no packet dropped, every view the same), the clients are served after
+    each step, and at the end every member seals with the new key alone."""
+    old, new = (base64.b64encode(bytes([i]) * 32).decode() for i in (1, 2))
+    monkeypatch.setenv("RINGSIDE_GOSSIP_KEYS", old)
+    cluster = make_cluster()
+    local = cluster.local
+    members = ["gateway", "n1", "n2", "n3"]
+
+    def status(name: str) -> dict:
+        return cluster.gateway_status() if name == "gateway" else cluster.node_status(name)
+
+    def check_members() -> None:
+        views = {name: status(name)["membership"] for name in members}
+        for name, view in views.items():
+            assert view["gossip_dropped"] == 0, (name, view)
+        wait_until(
+            lambda: all(
+                all(status(name)["membership"]["members"].get(m) == "alive" for m in members)
+                for name in members
+            ),
+            10,
+            "every member sees every other alive",
+        )
+
+    async def xp_after_an_update() -> int:
+        async with await RingsideClient.connect(cluster.url, cluster.token("rotor")) as client:
+            state = await client.request("player.update", {"incr": {"xp": 1}})
+            return int(state["xp"])
+
+    assert asyncio.run(xp_after_an_update()) == 1
+    for step, keys in enumerate((f"{old},{new}", f"{new},{old}", new), 2):
+        monkeypatch.setenv("RINGSIDE_GOSSIP_KEYS", keys)
+        local.deploy(gateway=True)
+        check_members()
+        assert asyncio.run(xp_after_an_update()) == step
+
+
+def test_restart_starts_a_killed_node_and_restarts_the_gateway(make_cluster):
+    cluster = make_cluster()
+    local = cluster.local
+    killed = local.kill("n2")
+    local.restart("n2")  # not running: started, and in the gateway's ring again
+    assert local.pid("n2") not in (None, killed)
+    assert cluster.gateway_status()["links"]["n2"] is True
+
+    async def client_closed_by_a_gateway_restart() -> tuple[int | None, int]:
+        client = await RingsideClient.connect(cluster.url, cluster.token("gwr"))
+        await client.request("player.update", {"incr": {"xp": 1}})
+        await asyncio.to_thread(local.restart, "gateway")
+        await asyncio.wait_for(client.ws.wait_closed(), 10)
+        code = client.ws.close_code
+        async with await RingsideClient.connect(cluster.url, cluster.token("gwr")) as again:
+            state = await again.request("player.update", {"incr": {"xp": 1}})
+        return code, int(state["xp"])
+
+    code, xp = asyncio.run(client_closed_by_a_gateway_restart())
+    assert code == 1001 and xp == 2  # the actor stayed on its node
+
+
+def test_status_tells_a_drained_node_from_a_dead_one(make_cluster):
+    cluster = make_cluster()
+    local = cluster.local
+
+    def status() -> tuple[int, dict[str, dict]]:
+        command = [sys.executable, "-m", "server.cli", "--config", str(local.config_path), "status", "--json"]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        return run.returncode, {row["name"]: row for row in orjson.loads(run.stdout)}
+
+    local.drain("n3")
+    code, rows = status()
+    assert code == 0 and rows["n3"]["drained"] is True and not rows["n3"]["running"]
+    local.kill("n2")
+    code, rows = status()
+    assert code == 1 and rows["n2"]["drained"] is False
+    local.restart("n2")
+    local.restart("n3")  # a drained node comes back with `restart` too
+    code, rows = status()
+    assert code == 0 and all(row["healthy"] for row in rows.values()), rows

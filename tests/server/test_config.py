@@ -32,3 +32,19 @@ def test_unknown_keys_are_refused(tmp_path):
     path.write_text("[node]\nflush_intervall_ms = 10\n")
     with pytest.raises(ConfigError, match="unknown keys"):
         load_config(path, env={})
+
+
+def test_development_credentials_are_named_until_both_are_replaced(tmp_path):
+    local = load_config("configs/local.toml", env={})
+    assert local.development_credentials() == [
+        "RINGSIDE_SECRET (cluster.secret)",
+        "RINGSIDE_ADMIN_TOKEN (cluster.admin_token)",
+    ]
+    # A config that sets its own secret but forgets the admin token still has the public one.
+    config = tmp_path / "prod.toml"
+    config.write_text('[cluster]\nsecret = "s3cret-of-this-studio"\n')
+    assert load_config(config, env={}).development_credentials() == [
+        "RINGSIDE_ADMIN_TOKEN (cluster.admin_token)"
+    ]
+    env = {"RINGSIDE_SECRET": "a", "RINGSIDE_ADMIN_TOKEN": "b"}
+    assert load_config(config, env=env).development_credentials() == []
