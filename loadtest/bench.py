@@ -1283,6 +1283,28 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
 
+def targets(r: dict[str, Any]) -> dict[str, bool]:
+    """Each of the issue's targets this run measured: met or not (from the figures above it)."""
+    s, e, m = r["ringside"], r["echo"], r["memory"]
+    met = {
+        "cpu_spread_le_2x": s["cpu_us_per_req_server"] <= 2 * e["cpu_us_per_msg"],
+        "latency_p99_lt_2ms": s["latency"]["lat"]["p99_ms"] < 2.0,
+        "gateway_session_lt_20kib": m["gateway_kib_per_session"] < 20.0,
+        "player_actor_lt_2kib": m["node_kib_per_player"] < 2.0,
+        "flush_ge_100k_states_per_core": r["flush"]["cas_states_per_cpu_s"] >= 100_000,
+    }
+    one = s.get("one_owner_pairs") or []
+    if one:
+        met["cpu_one_node_le_2x"] = statistics.median(p["ratio_owner"] for p in one) <= 2.0
+    if "concurrency" in r:
+        met["concurrency_ge_50k"] = r["concurrency"]["held_p99_under_50ms"] >= 50_000
+    return met
+
+
+def verdict(met: dict[str, bool], name: str, target: str) -> str:
+    return f"{target}: {'met' if met[name] else 'NOT met'}"
+
+
 def table(r: dict[str, Any]) -> str:
     e, s, m, f, wb, act = (
         r["echo"],
@@ -1292,6 +1314,7 @@ def table(r: dict[str, Any]) -> str:
         r["write_behind"],
         r["activation"],
     )
+    met = targets(r)
     rows: list[tuple[str, str, str, str, str]] = []
     rows.append(
         (
@@ -1308,7 +1331,7 @@ def table(r: dict[str, Any]) -> str:
             f"{s['cpu_us_per_req_server']:.1f}",
             f"{e['cpu_us_per_msg']:.1f}",
             ratio(s["cpu_us_per_req_server"], e["cpu_us_per_msg"]),
-            "<= 2x",
+            verdict(met, "cpu_spread_le_2x", "<= 2x"),
         )
     )
     per = s["cpu_us_per_req"]
@@ -1347,7 +1370,7 @@ def table(r: dict[str, Any]) -> str:
                 + " ("
                 + " / ".join(f"{p['ratio_all']:.2f}" for p in one)
                 + ")",
-                "<= 2x",
+                verdict(met, "cpu_one_node_le_2x", "<= 2x (median)"),
             )
         )
     sys_per = s["syscalls_per_req"]
@@ -1388,7 +1411,7 @@ def table(r: dict[str, Any]) -> str:
                 f"{a:.2f}",
                 f"{b:.2f}",
                 ratio(a, b),
-                "p99 < 2 ms" if label == "p99" else "",
+                verdict(met, "latency_p99_lt_2ms", "p99 < 2 ms") if label == "p99" else "",
             )
         )
     rows.append(
@@ -1406,11 +1429,17 @@ def table(r: dict[str, Any]) -> str:
             f"{m['gateway_kib_per_session']:.1f}",
             f"{m['echo_kib_per_conn']:.1f}",
             ratio(m["gateway_kib_per_session"], m["echo_kib_per_conn"]),
-            "< 20 KiB",
+            verdict(met, "gateway_session_lt_20kib", "< 20 KiB"),
         )
     )
     rows.append(
-        ("memory per idle player actor, nodes (KiB)", f"{m['node_kib_per_player']:.2f}", "", "", "< 2 KiB")
+        (
+            "memory per idle player actor, nodes (KiB)",
+            f"{m['node_kib_per_player']:.2f}",
+            "",
+            "",
+            verdict(met, "player_actor_lt_2kib", "< 2 KiB"),
+        )
     )
     rows.append(
         (
@@ -1440,7 +1469,7 @@ def table(r: dict[str, Any]) -> str:
             f"{f['cas_states_per_cpu_s']:,.0f}",
             f"{f['set_states_per_cpu_s']:,.0f}",
             ratio(f["cas_states_per_cpu_s"], f["set_states_per_cpu_s"]),
-            ">= 100,000",
+            verdict(met, "flush_ge_100k_states_per_core", ">= 100,000"),
         )
     )
     rows.append(
@@ -1481,7 +1510,7 @@ def table(r: dict[str, Any]) -> str:
                 f"{held:,} (stopped by {c.get('stopped_by', '?')})",
                 f"echo {echo_held:,} (stopped by {e.get('stopped_by', '?')})" if e else "",
                 ratio(held, echo_held) if echo_held else "",
-                f">= 50,000 ({ratio(held, 50_000)})",
+                verdict(met, "concurrency_ge_50k", f">= 50,000 ({ratio(held, 50_000)})"),
             )
         )
     if r.get("gc", {}).get("gateway"):
@@ -1557,6 +1586,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine as a whole."
     )
     result = run(args)
+    result["targets"] = targets(result)
     print(
         f"machine: {result['nproc']} cores, {result['mem_total_gib']} GiB, load average at start "
         f"{', '.join(f'{x:.2f}' for x in result['load_avg_at_start'])}; {result['date']}; "
@@ -1573,6 +1603,12 @@ def main(argv: list[str] | None = None) -> int:
             "burstier load than independent clients, which flatters the CPU ratios (decision 29)"
         )
     print(table(result))
+    missed = [name for name, ok in result["targets"].items() if not ok]
+    print(
+        f"targets met: {len(result['targets']) - len(missed)} of {len(result['targets'])}"
+        + (f"; not met: {', '.join(missed)}" if missed else "")
+        + " (a benchmark reports; it does not fail on a target)"
+    )
     for name, prof in result.get("profile", {}).items():
         for kind in ("self", "inclusive"):
             print(f"\nprofile {name}: {kind} time share (py-spy, fixed-rate phase):")

@@ -58,4 +58,19 @@ def test_quick_bench_measures_every_figure(tmp_path: Path) -> None:
     assert r["activation"]["cold"]["failed"] == 0 and r["activation"]["cold"]["opened"] > 0
 
     assert "ratio, each side-by-side run" in run.stdout
+
+    # Each target the run measured, met or not, in the JSON and said after the table.
+    met = r["targets"]
+    assert set(met) == {
+        "cpu_spread_le_2x",
+        "cpu_one_node_le_2x",
+        "latency_p99_lt_2ms",
+        "gateway_session_lt_20kib",
+        "player_actor_lt_2kib",
+        "flush_ge_100k_states_per_core",
+    }  # --quick has no concurrency phase
+    assert met["cpu_spread_le_2x"] == (
+        r["ringside"]["cpu_us_per_req_server"] <= 2 * r["echo"]["cpu_us_per_msg"]
+    )
+    assert f"targets met: {sum(met.values())} of {len(met)}" in run.stdout
     assert json.loads(run.stdout.strip().splitlines()[-1])["ringside"]["cpu_pairs"] == pairs
