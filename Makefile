@@ -51,7 +51,7 @@ restart: $(STAMP)
 	$(RINGSIDE) restart $(NODE)
 
 deploy: $(STAMP)
-	$(RINGSIDE) deploy $(if $(GATEWAY),--gateway,)
+	$(RINGSIDE) deploy $(if $(filter 1 yes true,$(GATEWAY)),--gateway,)
 
 # Load tests against the running cluster (`make up` first). USERS, RATE (Hz per user),
 # DURATION (e.g. 60s) and CHAOS (e.g. kill:n2@20) are passed to the locustfile.

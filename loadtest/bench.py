@@ -1284,24 +1284,37 @@ def ratio(a: float, b: float) -> str:
 
 
 def targets(r: dict[str, Any]) -> dict[str, bool]:
-    """Each of the issue's targets this run measured: met or not (from the figures above it)."""
+    """Each of the issue's targets this run measured at the issue's scale: met or not (from
+    the figures in the table). A `--quick` run's smaller latency and memory phases, and a
+    concurrency search bounded below 50,000 sessions without reaching the bound, measure
+    nothing against their targets and are left out."""
     s, e, m = r["ringside"], r["echo"], r["memory"]
     met = {
         "cpu_spread_le_2x": s["cpu_us_per_req_server"] <= 2 * e["cpu_us_per_msg"],
-        "latency_p99_lt_2ms": s["latency"]["lat"]["p99_ms"] < 2.0,
-        "gateway_session_lt_20kib": m["gateway_kib_per_session"] < 20.0,
         "player_actor_lt_2kib": m["node_kib_per_player"] < 2.0,
         "flush_ge_100k_states_per_core": r["flush"]["cas_states_per_cpu_s"] >= 100_000,
     }
     one = s.get("one_owner_pairs") or []
     if one:
         met["cpu_one_node_le_2x"] = statistics.median(p["ratio_owner"] for p in one) <= 2.0
+    latency = s["latency"]
+    if latency["requested_rps"] >= 5000 and latency["sessions"] >= 1000:
+        met["latency_p99_lt_2ms"] = (
+            latency["lat"]["p99_ms"] < 2.0 and not latency["unanswered"] and not latency["errors"]
+        )
+    if m["idle_sessions"] >= 10_000:
+        met["gateway_session_lt_20kib"] = m["gateway_kib_per_session"] < 20.0
     if "concurrency" in r:
-        met["concurrency_ge_50k"] = r["concurrency"]["held_p99_under_50ms"] >= 50_000
+        c = r["concurrency"]
+        held = c["held_p99_under_50ms"]
+        if held >= 50_000 or c.get("bound", 0) >= 50_000 or held < c.get("bound", 0):
+            met["concurrency_ge_50k"] = held >= 50_000
     return met
 
 
 def verdict(met: dict[str, bool], name: str, target: str) -> str:
+    if name not in met:
+        return f"{target}: not measured at its scale"
     return f"{target}: {'met' if met[name] else 'NOT met'}"
 
 
@@ -1587,6 +1600,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     result = run(args)
     result["targets"] = targets(result)
+    if args.json_out:  # first: a long run's figures must survive a failure below
+        Path(args.json_out).write_text(json.dumps(result, default=str) + "\n")
     print(
         f"machine: {result['nproc']} cores, {result['mem_total_gib']} GiB, load average at start "
         f"{', '.join(f'{x:.2f}' for x in result['load_avg_at_start'])}; {result['date']}; "
@@ -1614,8 +1629,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nprofile {name}: {kind} time share (py-spy, fixed-rate phase):")
             for fn, share in prof.get(kind, []):
                 print(f"  {share * 100:5.1f}%  {fn}")
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, default=str) + "\n")
     print(json.dumps(result, default=str))
     return 0
 

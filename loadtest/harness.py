@@ -24,6 +24,7 @@ def write_config(directory: Path, *, nodes: int = 3, standby: int = 0, extra: st
     lines = [
         "[cluster]",
         'secret = "test-secret"',
+        'admin_token = "test-admin-token"',
         f'run_dir = "{directory / "run"}"',
         "[redis]",
         f"port = {ports[0]}",

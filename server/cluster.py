@@ -84,7 +84,7 @@ class LocalCluster:
         return self.run_dir / f"{name}.log"
 
     def drained_file(self, name: str) -> Path:
-        """Present while a node that was drained on purpose stays stopped."""
+        """Written by a node at the end of its drain (not by a crash); removed when it starts."""
         return self.run_dir / f"{name}.drained"
 
     def pid(self, name: str) -> int | None:
@@ -284,7 +284,6 @@ class LocalCluster:
                     )
             time.sleep(0.02)
         self.pid_file(name).unlink(missing_ok=True)
-        self.drained_file(name).touch()
         elapsed = time.monotonic() - started
         self.progress(
             f"drained {name} in {elapsed:.2f}s: {before.get('sessions', 0)} sessions re-pinned, "
@@ -292,21 +291,21 @@ class LocalCluster:
         )
         return elapsed
 
+    def _routes_to(self, name: str) -> bool:
+        """Whether the gateway sees `name` alive, in its ring, and has a link to it."""
+        code, status = http_json(self.admin_url("gateway") + "/status")
+        if code != 200:
+            return False
+        membership = status.get("membership", {})
+        return (
+            membership.get("members", {}).get(name) == "alive"
+            and name in membership.get("ring", {})
+            and status.get("links", {}).get(name) is True
+        )
+
     def wait_in_ring(self, name: str, timeout: float = 20.0) -> None:
         """Wait until the gateway sees `name` alive and routes to it."""
-
-        def joined() -> bool:
-            code, status = http_json(self.admin_url("gateway") + "/status")
-            if code != 200:
-                return False
-            membership = status.get("membership", {})
-            return (
-                membership.get("members", {}).get(name) == "alive"
-                and name in membership.get("ring", {})
-                and status.get("links", {}).get(name) is True
-            )
-
-        self._wait(name, joined, timeout)
+        self._wait(name, lambda: self._routes_to(name), timeout)
 
     def add_node(self, name: str) -> float:
         started = time.monotonic()
@@ -321,6 +320,7 @@ class LocalCluster:
         only started); or restart the gateway, whose clients reconnect."""
         if name == "gateway":
             return self.restart_gateway()
+        self.config.node_address(name)  # a node of the config, or a ConfigError naming them
         started = time.monotonic()
         if self.pid(name) is None:
             self.progress(f"{name} is not running: starting it")
@@ -338,9 +338,8 @@ class LocalCluster:
         started = time.monotonic()
         self.stop("gateway")
         self.start_gateway()
-        for node in self.config.all_node_names:
-            if self.pid(node) is not None:
-                self.wait_in_ring(node)
+        running = [n for n in self.config.all_node_names if self.pid(n) is not None]
+        self._wait("gateway", lambda: all(self._routes_to(n) for n in running), 20)
         elapsed = time.monotonic() - started
         self.progress(f"restarted the gateway in {elapsed:.2f}s: its clients reconnect (close 1001)")
         return elapsed
@@ -350,6 +349,12 @@ class LocalCluster:
         then, with `gateway`, the gateway (its clients reconnect once)."""
         started = time.monotonic()
         names = [n for n in self.config.all_node_names if self.pid(n) is not None]
+        for name in self.config.node_names:
+            if name not in names and not self.drained_file(name).exists():
+                self.progress(
+                    f"  {name} is down (not drained): not restarted; `make restart NODE={name}` starts it "
+                    "with this shell's config and keys"
+                )
         steps = len(names) + gateway
         for i, name in enumerate(names, 1):
             self.progress(f"[{i}/{steps}] restarting {name}")

@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
@@ -628,6 +629,10 @@ class Node:
                 "flushed": flushed,
             },
         )
+        # Tells `ringside status` this node was drained on purpose, not lost; the local
+        # cluster removes it when the node starts again.
+        with contextlib.suppress(OSError):
+            (Path(self.config.run_dir) / f"{self.name}.drained").touch()
         self._stopping.set()
 
     async def _stall_watchdog(self) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from gateway.client import RingsideClient
 from loadtest.checker import IncrementLoad
-from server.cluster import pid_alive
+from server.cluster import http_json, pid_alive
 from tests.integration.conftest import wait_until
 from tests.integration.test_games import check_streams, drain_events, start_game
 
@@ -101,9 +101,10 @@ def test_drain_add_node_and_rolling_restart_under_load(make_cluster, handoff):
 
 
 def test_gossip_keys_rotate_with_every_member_restarted(make_cluster, monkeypatch):
-    """`ringside keys`' three steps, each a `deploy --gateway`: the members keep reading each
-    other throughout (no packet dropped, every view the same), the clients are served after
-    each step, and at the end every member seals with the new key alone."""
+    """`ringside keys`' three steps, each a `deploy --gateway`: every restarted member joins
+    the others (a deploy waits for that, and fails if a member cannot read them), none has
+    dropped a packet since its own restart, all see each other alive, and a client is served
+    after each step; at the end every member seals with the new key alone."""
     old, new = (base64.b64encode(bytes([i]) * 32).decode() for i in (1, 2))
     monkeypatch.setenv("RINGSIDE_GOSSIP_KEYS", old)
     cluster = make_cluster()
@@ -174,8 +175,18 @@ def test_status_tells_a_drained_node_from_a_dead_one(make_cluster):
     code, rows = status()
     assert code == 0 and rows["n3"]["drained"] is True and not rows["n3"]["running"]
     local.kill("n2")
+    # Once the gateway has dropped n2 from its ring it is healthy again: only n2 is not.
+    wait_until(
+        lambda: (
+            "n2" not in cluster.gateway_status()["membership"]["ring"]
+            and http_json(local.admin_url("gateway") + "/healthz")[0] == 200
+        ),
+        15,
+        "the gateway routes around the dead n2",
+    )
     code, rows = status()
     assert code == 1 and rows["n2"]["drained"] is False
+    assert all(row["healthy"] for name, row in rows.items() if name not in ("n2", "n3")), rows
     local.restart("n2")
     local.restart("n3")  # a drained node comes back with `restart` too
     code, rows = status()

@@ -48,3 +48,17 @@ def test_development_credentials_are_named_until_both_are_replaced(tmp_path):
     ]
     env = {"RINGSIDE_SECRET": "a", "RINGSIDE_ADMIN_TOKEN": "b"}
     assert load_config(config, env=env).development_credentials() == []
+
+
+def test_processes_warn_at_start_about_development_credentials(caplog, tmp_path):
+    from server.cli import _warn_development_credentials
+
+    with caplog.at_level("WARNING"):
+        _warn_development_credentials(load_config("configs/local.toml", env={}))
+    assert "RINGSIDE_SECRET" in caplog.text and "RINGSIDE_ADMIN_TOKEN" in caplog.text
+    caplog.clear()
+    config = tmp_path / "prod.toml"
+    config.write_text('[cluster]\nsecret = "s3cret"\nadmin_token = "t0ken"\n')
+    with caplog.at_level("WARNING"):
+        _warn_development_credentials(load_config(config, env={}))
+    assert caplog.text == ""
