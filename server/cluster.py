@@ -233,15 +233,20 @@ class LocalCluster:
 
     def down(self) -> None:
         # Gateway first (no new requests), then the nodes (each flushes), Redis last.
-        for name in self.stop("gateway"):
+        stopped = self.stop("gateway")
+        for name in stopped:
             self.progress(f"  {name} stopped")
-        for name in self.stop(*self.config.all_node_names):
+        nodes = self.stop(*self.config.all_node_names)
+        for name in nodes:
             self.progress(f"  {name} stopped (flushed)")
         for name in self.config.all_node_names:
             self.drained_file(name).unlink(missing_ok=True)
         if self.config.redis.embedded:
             for name in self.stop("redis"):
+                stopped.append(name)
                 self.progress(f"  {name} stopped")
+        if not stopped and not nodes:
+            self.progress(f"nothing was running (run dir {self.run_dir})")
 
     # -- operations -------------------------------------------------------
     def admin(self, name: str, action: str, timeout: float = 5.0) -> dict[str, Any]:
