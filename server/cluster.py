@@ -87,6 +87,10 @@ class LocalCluster:
         """Written by a node at the end of its drain (not by a crash); removed when it starts."""
         return self.run_dir / f"{name}.drained"
 
+    def unflushed_file(self, name: str) -> Path:
+        """Written by a node that stopped with dirty actors it could not write (Redis away)."""
+        return self.run_dir / f"{name}.unflushed"
+
     def pid(self, name: str) -> int | None:
         try:
             pid = int(self.pid_file(name).read_text().strip())
@@ -105,6 +109,7 @@ class LocalCluster:
             raise ClusterError(f"{name} is already running (pid {self.pid(name)}); `make down` first")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.drained_file(name).unlink(missing_ok=True)
+        self.unflushed_file(name).unlink(missing_ok=True)
         env = dict(os.environ, RINGSIDE_RUN_DIR=str(self.run_dir))
         with open(self.log_file(name), "ab") as log:
             proc = subprocess.Popen(
@@ -236,9 +241,20 @@ class LocalCluster:
         stopped = self.stop("gateway")
         for name in stopped:
             self.progress(f"  {name} stopped")
-        nodes = self.stop(*self.config.all_node_names)
+        # A node retries Redis for stop_flush_timeout_s before it gives up: wait past that.
+        timeout = self.config.node.stop_flush_timeout_s + self.config.node.leave_timeout_s + 10
+        nodes = self.stop(*self.config.all_node_names, timeout=timeout)
         for name in nodes:
-            self.progress(f"  {name} stopped (flushed)")
+            try:
+                unflushed = int(self.unflushed_file(name).read_text())
+            except (OSError, ValueError):
+                self.progress(f"  {name} stopped (flushed)")
+            else:
+                self.progress(
+                    f"  {name} stopped WITHOUT writing {unflushed} actors' acknowledged changes "
+                    f"(Redis unreachable for {self.config.node.stop_flush_timeout_s:g}s): "
+                    f"see {self.log_file(name)}"
+                )
         for name in self.config.all_node_names:
             self.drained_file(name).unlink(missing_ok=True)
         if self.config.redis.embedded:

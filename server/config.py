@@ -69,6 +69,9 @@ class NodeSettings:
     # failure detection (ack_timeout + protocol_period + suspicion_min = 0.78 s by default).
     stall_drop_s: float = 0.7
     drain_timeout_s: float = 30.0  # past it, a draining node flushes what is left and exits
+    # On stop (SIGTERM), how long a node keeps retrying Redis for what is dirty before it
+    # exits anyway, logging (and marking in its run dir) what was not written.
+    stop_flush_timeout_s: float = 20.0
     # Drain and scale-up hand actors over node to node (state and a fresh epoch travel
     # together, decision 11); "redis": new owners load from Redis after a final flush.
     handoff: str = "live"

@@ -722,12 +722,21 @@ class Node:
         self.peers.close()
         for task in background:
             task.cancel()
-        flushed = await self.persister.flush_all(deadline=time.monotonic() + 30)
+        flushed = await self.persister.flush_all(
+            deadline=time.monotonic() + self.config.node.stop_flush_timeout_s
+        )
         left = await self.membership.leave(self.config.node.leave_timeout_s)
         log.info(
             "node stopped",
             extra={"flushed": flushed, "left_dirty": len(self.wb), "leave_gossiped": left},
         )
+        if not flushed:
+            log.error(
+                "stopped with acknowledged changes NOT written to Redis (unreachable); they are lost",
+                extra={"actors": len(self.wb)},
+            )
+            with contextlib.suppress(OSError):  # `ringside down` reports it
+                (Path(self.config.run_dir) / f"{self.name}.unflushed").write_text(f"{len(self.wb)}\n")
         admin.close()
         await self.store.close()
         self.gc.close()

@@ -39,6 +39,7 @@ class Persister:
         self.last_success = clock()
         self._wake = asyncio.Event()
         self._stuck = False  # the flush loop found due work all in flight in another write
+        self.loop_errors_total = 0  # unexpected errors the flush loop survived (bugs)
         self.on_flushed: Callable[[float], None] = lambda seconds: None  # metrics hook
 
     def kick(self) -> None:
@@ -61,7 +62,14 @@ class Persister:
                         await self._wake.wait()
             self._wake.clear()
             now = self._clock()
-            wrote = await self.flush_due()
+            try:
+                wrote = await self.flush_due()
+            except Exception:
+                # A bug here must not end write-behind silently while clients get `ok`.
+                log.exception("flush loop failed; retrying after a period")
+                self.loop_errors_total += 1
+                await asyncio.sleep(interval)
+                continue
             self._stuck = not wrote and self._wb.due(now)
 
     async def flush_due(self) -> bool:
@@ -75,6 +83,11 @@ class Persister:
     async def flush_all(self, *, deadline: float) -> bool:
         """Write every dirty actor now, retrying until `deadline`. True when nothing is left."""
         while len(self._wb) and self._clock() < deadline:
+            if self._wb.degraded:  # a write failed: wait out its backoff, do not hammer Redis
+                wait = min(self._wb.next_flush, deadline) - self._clock()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue
             batch = self._wb.take_batch(max(self._clock(), self._wb.next_flush))
             if batch:
                 await self._write(batch)
@@ -111,6 +124,13 @@ class Persister:
                 "flush failed; state kept in memory",
                 extra={"actors": len(acts), "retry_in_s": round(delay, 3), "error": str(exc)},
             )
+            return
+        except Exception:
+            # Not an outage we know of (a bug, an unexpected reply): the states stay dirty
+            # and are retried like after an outage, never left in flight for good.
+            self.redis_errors_total += 1
+            delay = self._wb.failed([a.key for a in acts], self._clock())
+            log.exception("flush failed unexpectedly; state kept in memory", extra={"actors": len(acts)})
             return
         finally:
             if self._stuck:

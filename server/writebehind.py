@@ -113,7 +113,9 @@ class WriteBehind:
             self._in_flight.discard(key)
             self._dirty[key] = None  # unsettled still: it was in flight
         self._failures += 1
-        delay = self._rng.uniform(0, min(self.retry_cap, self.retry_base * 2**self._failures))
+        # The exponent stops growing once the cap is reached: 2**1024 is past a float, and an
+        # outage can last that many retries.
+        delay = self._rng.uniform(0, min(self.retry_cap, self.retry_base * 2 ** min(self._failures, 60)))
         self._next_flush = now + max(delay, 0.001)
         return delay
 

@@ -8,6 +8,7 @@ import hmac
 import os
 import signal
 import subprocess
+import time
 import urllib.request
 
 from gateway.client import RingsideClient
@@ -347,3 +348,24 @@ def test_acknowledged_updates_survive_a_fence_after_the_client_left(make_cluster
     wait_until(lambda: cluster.gateway_status()["sessions"] == 0, 10, "the session is released")
     cluster.wait_flushed()
     assert cluster.stored_state(player)["xp"] == 50
+
+
+def test_stopping_while_redis_is_away_says_what_was_not_written(make_cluster):
+    """Redis down at `make down`: each node retries for `stop_flush_timeout_s`, then exits
+    and says so; `down` does not claim `flushed` for it."""
+    cluster = make_cluster(extra="[node]\nflush_interval_ms = 60000\nstop_flush_timeout_s = 1.0")
+
+    async def update() -> None:
+        async with await RingsideClient.connect(cluster.url, cluster.token("late")) as client:
+            await client.request("player.update", {"incr": {"xp": 1}})
+
+    asyncio.run(update())
+    owner = cluster.owner("late")
+    cluster.local.stop("redis")
+    said: list[str] = []
+    cluster.local.progress = said.append
+    started = time.monotonic()
+    cluster.local.down()
+    assert time.monotonic() - started < 15  # the nodes gave up after ~1 s, not the stop timeout
+    assert any(line.startswith(f"  {owner} stopped WITHOUT writing 1 actors") for line in said), said
+    assert all("WITHOUT" not in line for line in said if not line.startswith(f"  {owner} ")), said

@@ -159,3 +159,55 @@ def test_the_flush_loop_yields_while_what_is_due_is_in_another_write():
         [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=20
     )
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+class FlakyStore(FencedStore):
+    """Fails its first `n` writes: with StoreUnavailable (an outage) or another error (a bug)."""
+
+    def __init__(self, n: int, error: Exception) -> None:
+        super().__init__()
+        self.gate.set()
+        self.failures_left = n
+        self.error = error
+        self.attempts: list[float] = []
+
+    async def write_batch(self, writes):
+        self.attempts.append(time.monotonic())
+        if self.failures_left:
+            self.failures_left -= 1
+            raise self.error
+        return await super().write_batch(writes)
+
+
+def test_an_unexpected_write_error_keeps_the_state_dirty_and_the_loop_running():
+    async def main():
+        store = FlakyStore(2, RuntimeError("a bug in the write path"))
+        wb, runtime, persister, _ = make(store)
+        runtime.adopt("player:a", 1, PlayerState("a").to_blob())
+        wb.mark_dirty("player:a")
+        loop_task = asyncio.create_task(persister.run())
+        deadline = time.monotonic() + 3
+        while not store.written:
+            assert time.monotonic() < deadline, f"not written after {len(store.attempts)} attempts"
+            assert not loop_task.done(), loop_task
+            await asyncio.sleep(0.01)
+        loop_task.cancel()
+        await asyncio.gather(loop_task, return_exceptions=True)
+        assert store.written == [("player:a", 1)] and len(wb) == 0
+        assert persister.redis_errors_total == 2
+
+    asyncio.run(main())
+
+
+def test_the_final_flush_waits_out_the_backoff_instead_of_hammering_redis():
+    async def main():
+        store = FlakyStore(10**9, StoreUnavailable("connection refused"))  # Redis stays away
+        wb, runtime, persister, _ = make(store)
+        runtime.adopt("player:a", 1, PlayerState("a").to_blob())
+        wb.mark_dirty("player:a")
+        assert not await persister.flush_all(deadline=time.monotonic() + 0.5)
+        # Backoff capped at 50 ms (retry_cap): about 0.5 s / 25 ms on average, not thousands.
+        assert 3 <= len(store.attempts) <= 60, len(store.attempts)
+        assert wb.is_dirty("player:a")
+
+    asyncio.run(main())

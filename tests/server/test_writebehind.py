@@ -161,3 +161,19 @@ def test_a_key_its_batch_skips_after_a_discard_settles():
     assert len(wb) == 0
     wb.mark_dirty("a")  # a new activation changes it
     assert wb.take_batch(10.0) == ["a"]
+
+
+def test_a_long_outage_keeps_backing_off_at_the_cap():
+    """Thousands of failures in a row (a Redis outage of minutes at a short cap) must not
+    overflow the backoff: 2**1024 is past a float."""
+    wb = make(retry_cap=0.005)
+    wb.mark_dirty("a")
+    now = 0.1
+    batch = wb.take_batch(now)
+    for _ in range(5000):
+        assert 0 <= wb.failed(batch, now) <= 0.005
+        now = wb.next_flush
+        batch = wb.take_batch(now)
+        assert batch == ["a"]
+    wb.flushed(batch)
+    assert len(wb) == 0
