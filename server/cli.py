@@ -125,12 +125,10 @@ def _cluster(args: argparse.Namespace) -> LocalCluster:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    cluster = _cluster(args)
     try:
-        cluster.up()
+        _cluster(args).up()  # stops what it started if it fails
     except ClusterError as exc:
         print(f"ringside up: {exc}", file=sys.stderr)
-        cluster.down()
         return 1
     return 0
 
@@ -144,7 +142,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     cluster = _cluster(args)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        cluster.up()
+        cluster.up()  # stops what it started if it fails, and touches nothing already running
+    except ClusterError as exc:
+        print(f"ringside run: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    try:
         g = cluster.config.gateway
         print(f"\nGateway: ws://{g.host}:{g.port}/ws   (admin: http://{g.host}:{g.port}/status)")
         print("Get a token:  .venv/bin/ringside token alice")
@@ -218,7 +222,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
-    _cluster(args).drain(args.name)
+    _cluster(args).drain(args.name, force=args.force)
     return 0
 
 
@@ -270,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(command, help=text)
         p.add_argument("name")
+        if command == "drain":
+            p.add_argument("--force", action="store_true", help="drain even the last running node")
         p.set_defaults(func=func)
     p = sub.add_parser("deploy", help="rolling restart of every node (and with --gateway, the gateway)")
     p.add_argument(

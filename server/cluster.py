@@ -133,9 +133,14 @@ class LocalCluster:
         if not self.config.redis.embedded:
             self.progress(f"using Redis at {self.config.redis.url} (REDIS_URL); not starting one")
             return
+        r = self.config.redis
+        if self._redis_ready():
+            raise ClusterError(
+                f"something already answers on the Redis port {r.host}:{r.port} (another Redis?): "
+                "stop it, or set [redis] port, or REDIS_URL to use it instead of the embedded one"
+            )
         data_dir = self.run_dir / "redis"
         data_dir.mkdir(parents=True, exist_ok=True)
-        r = self.config.redis
         self._spawn(
             "redis",
             [
@@ -200,14 +205,25 @@ class LocalCluster:
             time.sleep(0.05)
 
     def up(self) -> None:
+        """Start Redis, the nodes and the gateway; on a failure, stop what it started. Refuses
+        (touching nothing) while any of them runs."""
+        running = [n for n in self.process_names() if self.pid(n) is not None]
+        if running:
+            raise ClusterError(
+                f"already running: {', '.join(running)} (`make status` shows them; `make down` stops them)"
+            )
         started = time.monotonic()
-        self.start_redis()
-        for name in self.config.node_names:
-            self.start_node(name, wait=False)
-        for name in self.config.node_names:
-            self._wait(name, self._answers(name), 20)
-            self.progress(f"  {name} up ({self.admin_url(name)})")
-        self.start_gateway()
+        try:
+            self.start_redis()
+            for name in self.config.node_names:
+                self.start_node(name, wait=False)
+            for name in self.config.node_names:
+                self._wait(name, self._answers(name), 20)
+                self.progress(f"  {name} up ({self.admin_url(name)})")
+            self.start_gateway()
+        except BaseException:
+            self.down()  # nothing ran before: all that runs now is this call's
+            raise
         g = self.config.gateway
         self.progress(
             f"cluster up in {time.monotonic() - started:.1f}s: gateway ws://{g.host}:{g.port}/ws, "
@@ -279,11 +295,18 @@ class LocalCluster:
         except OSError as err:
             raise ClusterError(f"{name} did not answer {action}: {err}") from err
 
-    def drain(self, name: str) -> float:
-        """Drain `name` and wait for its process to exit; returns the seconds it took."""
+    def drain(self, name: str, *, force: bool = False) -> float:
+        """Drain `name` and wait for its process to exit; returns the seconds it took. The
+        last running node is drained only with `force`: no node would be left to serve."""
         pid = self.pid(name)
         if pid is None:
             raise ClusterError(f"{name} is not running")
+        others = [n for n in self.config.all_node_names if n != name and self.pid(n) is not None]
+        if not others and not force:
+            raise ClusterError(
+                f"{name} is the last running node: drained, no node would serve (clients wait until "
+                f"one starts); `ringside drain --force {name}` does it anyway"
+            )
         started = time.monotonic()
         before = self.admin(name, "drain")
         self.progress(
@@ -338,15 +361,22 @@ class LocalCluster:
 
     def restart(self, name: str) -> float:
         """Drain a node and start it again (a node that is not running, say after a kill, is
-        only started); or restart the gateway, whose clients reconnect."""
+        only started); or restart the gateway, whose clients reconnect; or the embedded
+        Redis (the nodes keep what is dirty meanwhile and write it once it answers)."""
         if name == "gateway":
             return self.restart_gateway()
+        if name == "redis":
+            started = time.monotonic()
+            self.stop("redis")
+            self.start_redis()
+            self.progress(f"restarted Redis in {time.monotonic() - started:.2f}s")
+            return time.monotonic() - started
         self.config.node_address(name)  # a node of the config, or a ConfigError naming them
         started = time.monotonic()
         if self.pid(name) is None:
             self.progress(f"{name} is not running: starting it")
         else:
-            self.drain(name)
+            self.drain(name, force=True)  # it comes back at once
         self.start_node(name)
         self.wait_in_ring(name)
         elapsed = time.monotonic() - started

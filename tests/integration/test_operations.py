@@ -14,7 +14,9 @@ import pytest
 
 from gateway.client import RingsideClient
 from loadtest.checker import IncrementLoad
-from server.cluster import http_json, pid_alive
+from loadtest.harness import write_config
+from server.cluster import ClusterError, LocalCluster, http_json, pid_alive
+from server.config import load_config
 from tests.integration.conftest import wait_until
 from tests.integration.test_games import check_streams, drain_events, start_game
 
@@ -191,3 +193,48 @@ def test_status_tells_a_drained_node_from_a_dead_one(make_cluster):
     local.restart("n3")  # a drained node comes back with `restart` too
     code, rows = status()
     assert code == 0 and all(row["healthy"] for row in rows.values()), rows
+
+
+def test_up_refuses_beside_a_running_cluster_or_a_foreign_redis_and_restart_redis(make_cluster, tmp_path):
+    cluster = make_cluster()
+    local = cluster.local
+    pids = {name: local.pid(name) for name in local.process_names()}
+
+    # A second `up` of the same cluster: refused, and what runs is left alone.
+    with pytest.raises(ClusterError, match="already running"):
+        local.up()
+    assert {name: local.pid(name) for name in pids} == pids
+
+    # Another cluster whose Redis port is taken by this one's Redis: refused before it
+    # starts anything (it would otherwise have written its state into the other Redis).
+    other_path = write_config(tmp_path / "other")
+    text = other_path.read_text()
+    other_port = load_config(other_path, env={}).redis.port
+    other_path.write_text(text.replace(f"port = {other_port}", f"port = {cluster.config.redis.port}", 1))
+    other = LocalCluster(load_config(other_path, env={}), str(other_path), progress=lambda _m: None)
+    with pytest.raises(ClusterError, match="already answers on the Redis port"):
+        other.up()
+    assert [n for n in other.process_names() if other.pid(n) is not None] == []
+    assert {name: local.pid(name) for name in pids} == pids
+
+    # The embedded Redis restarted: the nodes write to it again.
+    local.restart("redis")
+    assert local.pid("redis") not in (None, pids["redis"])
+
+    async def update() -> int:
+        async with await RingsideClient.connect(cluster.url, cluster.token("rr")) as client:
+            return int((await client.request("player.update", {"incr": {"xp": 1}}))["xp"])
+
+    assert asyncio.run(update()) == 1
+    cluster.wait_flushed()
+    assert cluster.stored_xp("rr") == 1
+
+
+def test_the_last_node_is_drained_only_with_force(make_cluster):
+    local = make_cluster(nodes=1).local
+    pid = local.pid("n1")
+    with pytest.raises(ClusterError, match="last running node"):
+        local.drain("n1")
+    assert local.pid("n1") == pid  # untouched
+    local.drain("n1", force=True)
+    assert local.pid("n1") is None and local.drained_file("n1").exists()
