@@ -241,6 +241,13 @@ def _section(cls: type, table: Mapping[str, Any], env: Mapping[str, str], prefix
     unknown = set(table) - known
     if unknown:
         raise ConfigError(f"unknown keys in [{prefix.lower()}]: {sorted(unknown)}")
+    env_prefix = f"RINGSIDE_{prefix}_"
+    env_known = {f"{env_prefix}{name.upper()}" for name in known}
+    mistyped = sorted(k for k in env if k.startswith(env_prefix) and k not in env_known)
+    if mistyped:
+        raise ConfigError(
+            f"unknown settings in the environment: {mistyped} ([{prefix.lower()}] has {sorted(known)})"
+        )
     values: dict[str, Any] = {}
     for name in known:
         default = getattr(defaults, name)
@@ -252,8 +259,14 @@ def _section(cls: type, table: Mapping[str, Any], env: Mapping[str, str], prefix
         env_name = f"RINGSIDE_{prefix}_{name.upper()}"
         if env_name in env:
             value = _coerce(env[env_name], default, env_name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"[{prefix.lower()}] {name} = {value}: must be 0 or more")
         values[name] = value
     return cls(**values)
+
+
+_SECTIONS = ("cluster", "redis", "node", "gateway", "swim", "gc", "nodes")
+_CLUSTER_KEYS = ("secret", "admin_token", "gossip_keys", "log_level", "run_dir")
 
 
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> ClusterConfig:
@@ -268,7 +281,11 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
             raise ConfigError(f"config file not found: {path}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from exc
+    if unknown_sections := sorted(set(data) - set(_SECTIONS)):
+        raise ConfigError(f"unknown sections {unknown_sections}; known: {list(_SECTIONS)}")
     cluster = data.get("cluster", {})
+    if unknown_keys := sorted(set(cluster) - set(_CLUSTER_KEYS)):
+        raise ConfigError(f"unknown keys in [cluster]: {unknown_keys}")
     redis = _section(RedisSettings, data.get("redis", {}), env, "REDIS")
     if env.get("REDIS_URL"):
         redis = dataclasses.replace(redis, url=env["REDIS_URL"])

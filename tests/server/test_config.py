@@ -62,3 +62,21 @@ def test_processes_warn_at_start_about_development_credentials(caplog, tmp_path)
     with caplog.at_level("WARNING"):
         _warn_development_credentials(load_config(config, env={}))
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "says"),
+    [
+        ("[gatway]\nport = 1\n", {}, "unknown sections ['gatway']"),
+        ('[cluster]\nsecrett = "x"\n', {}, "unknown keys in [cluster]: ['secrett']"),
+        ("", {"RINGSIDE_NODE_FLUSH_INTERVL_MS": "50"}, "RINGSIDE_NODE_FLUSH_INTERVL_MS"),
+        ("[gateway]\nmax_frame_bytes = -5\n", {}, "max_frame_bytes = -5: must be 0 or more"),
+        ("", {"RINGSIDE_GATEWAY_MAX_FRAME_BYTES": "-5"}, "must be 0 or more"),
+    ],
+)
+def test_typos_and_negative_values_are_refused_by_name(tmp_path, text, env, says):
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(config, env=env)
+    assert says in str(err.value)
