@@ -47,7 +47,7 @@ add-node: $(STAMP)
 	$(RINGSIDE) add-node $(NODE)
 
 restart: $(STAMP)
-	@test -n "$(NODE)" || (echo "usage: make restart NODE=n2 (or NODE=gateway)" && exit 2)
+	@test -n "$(NODE)" || (echo "usage: make restart NODE=n2 (or NODE=gateway, NODE=redis)" && exit 2)
 	$(RINGSIDE) restart $(NODE)
 
 deploy: $(STAMP)

@@ -120,6 +120,14 @@ def _fire(
     _bucket(sent_wall, ms, exc is not None)
 
 
+class ServerClosed(Exception):
+    """The server closed the socket, with this close code (None: no code given)."""
+
+    def __init__(self, code: int | None) -> None:
+        super().__init__(f"closed by the server ({code})")
+        self.code = code
+
+
 class RingsideError(Exception):
     pass
 
@@ -169,9 +177,10 @@ class GameClient(User):
         global _others_pushes
         try:
             while True:
-                raw = ws.recv()
-                if not raw:
-                    raise websocket.WebSocketConnectionClosedException("closed")
+                opcode, raw = ws.recv_data()
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    body = raw.data  # the close frame: a 2-byte code, then the reason
+                    raise ServerClosed(int.from_bytes(body[:2], "big") if len(body) >= 2 else None)
                 now = time.perf_counter()
                 msg = orjson.loads(raw)
                 if "ev" in msg:
@@ -202,7 +211,7 @@ class GameClient(User):
                         self.echo_wait[seq] = (started, wall)
         except Exception as exc:  # noqa: BLE001 - closed socket or garbage: report and reconnect
             if self.ws is ws:
-                code = getattr(ws, "status", None)
+                code = exc.code if isinstance(exc, ServerClosed) else None
                 _fire(
                     "connection",
                     time.perf_counter(),

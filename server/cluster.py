@@ -75,6 +75,8 @@ class LocalCluster:
         self.config_path = config_path
         self.run_dir = Path(config.run_dir).resolve()
         self.progress = progress
+        self.spawned: list[str] = []  # what this object started, in order
+        self.killed: list[str] = []  # what the last stop() had to SIGKILL
 
     # -- pid files --------------------------------------------------------
     def pid_file(self, name: str) -> Path:
@@ -121,6 +123,7 @@ class LocalCluster:
                 env=env,
             )
         self.pid_file(name).write_text(f"{proc.pid}\n")
+        self.spawned.append(name)
         return proc.pid
 
     def _ringside(self, *args: str) -> list[str]:
@@ -213,6 +216,7 @@ class LocalCluster:
                 f"already running: {', '.join(running)} (`make status` shows them; `make down` stops them)"
             )
         started = time.monotonic()
+        first = len(self.spawned)
         try:
             self.start_redis()
             for name in self.config.node_names:
@@ -222,7 +226,7 @@ class LocalCluster:
                 self.progress(f"  {name} up ({self.admin_url(name)})")
             self.start_gateway()
         except BaseException:
-            self.down()  # nothing ran before: all that runs now is this call's
+            self.stop(*reversed(self.spawned[first:]))  # only what this call started
             raise
         g = self.config.gateway
         self.progress(
@@ -234,6 +238,7 @@ class LocalCluster:
     def stop(self, *names: str, timeout: float = 30.0, sig: int = signal.SIGTERM) -> list[str]:
         """Signal every named process at once, wait for all to exit; returns those stopped."""
         pids = {name: self.pid(name) for name in names}
+        self.killed = []
         for name, pid in pids.items():
             if pid is None:
                 self.pid_file(name).unlink(missing_ok=True)
@@ -247,6 +252,7 @@ class LocalCluster:
                 if time.monotonic() > deadline:
                     self.progress(f"  {name} did not stop in {timeout}s; killing it")
                     os.kill(pid, signal.SIGKILL)
+                    self.killed.append(name)
                     break
                 time.sleep(0.02)
             self.pid_file(name).unlink(missing_ok=True)
@@ -260,11 +266,17 @@ class LocalCluster:
         # A node retries Redis for stop_flush_timeout_s before it gives up: wait past that.
         timeout = self.config.node.stop_flush_timeout_s + self.config.node.leave_timeout_s + 10
         nodes = self.stop(*self.config.all_node_names, timeout=timeout)
+        killed = set(self.killed)
         for name in nodes:
             try:
                 unflushed = int(self.unflushed_file(name).read_text())
             except (OSError, ValueError):
-                self.progress(f"  {name} stopped (flushed)")
+                if name in killed:
+                    self.progress(
+                        f"  {name} killed: whether its changes were written is not known; see its log"
+                    )
+                else:
+                    self.progress(f"  {name} stopped (flushed)")
             else:
                 self.progress(
                     f"  {name} stopped WITHOUT writing {unflushed} actors' acknowledged changes "
@@ -366,6 +378,8 @@ class LocalCluster:
         if name == "gateway":
             return self.restart_gateway()
         if name == "redis":
+            if not self.config.redis.embedded:
+                raise ClusterError(f"Redis is external ({self.config.redis.url}): restart it where it runs")
             started = time.monotonic()
             self.stop("redis")
             self.start_redis()

@@ -80,6 +80,10 @@ class NodeMetrics:
                 lambda: node.runtime.stale_total,
             ),
             "ringside_node_redis_errors_total": ("Failed flushes", lambda: node.persister.redis_errors_total),
+            "ringside_node_flush_bugs_total": (
+                "Flush errors that were not a Redis outage (a bug: see the log)",
+                lambda: node.persister.loop_errors_total,
+            ),
             "ringside_node_states_written_total": (
                 "Actor states written",
                 lambda: node.persister.states_written_total,
@@ -681,6 +685,7 @@ class Node:
             "states_written": self.persister.states_written_total,
             "stale_epoch_refusals": self.runtime.stale_total,
             "redis_errors": self.persister.redis_errors_total,
+            "flush_bugs": self.persister.loop_errors_total,
             "dropped_all_activations": self.self_faulty_drops,
             "membership": self.membership.status(),
             "gc": self.gc.status(),

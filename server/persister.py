@@ -83,11 +83,10 @@ class Persister:
     async def flush_all(self, *, deadline: float) -> bool:
         """Write every dirty actor now, retrying until `deadline`. True when nothing is left."""
         while len(self._wb) and self._clock() < deadline:
-            if self._wb.degraded:  # a write failed: wait out its backoff, do not hammer Redis
-                wait = min(self._wb.next_flush, deadline) - self._clock()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                    continue
+            wait = min(self._wb.retry_at, deadline) - self._clock()
+            if wait > 0:  # a write failed: wait out its backoff, do not hammer Redis
+                await asyncio.sleep(wait)
+                continue
             batch = self._wb.take_batch(max(self._clock(), self._wb.next_flush))
             if batch:
                 await self._write(batch)
@@ -96,6 +95,16 @@ class Persister:
         return not len(self._wb)
 
     async def _write(self, keys: list) -> None:
+        try:
+            await self._write_taken(keys)
+        except Exception:
+            # Not an outage we know of (a bug, an unexpected reply): what is still in flight
+            # goes back to dirty and is retried after a backoff, never left in flight for good.
+            self.loop_errors_total += 1
+            self._wb.failed(keys, self._clock())
+            log.exception("flush failed unexpectedly; state kept in memory", extra={"actors": len(keys)})
+
+    async def _write_taken(self, keys: list) -> None:
         acts: list[Activation] = []
         writes: list[Write] = []
         seqs: list[int] = []
@@ -125,21 +134,14 @@ class Persister:
                 extra={"actors": len(acts), "retry_in_s": round(delay, 3), "error": str(exc)},
             )
             return
-        except Exception:
-            # Not an outage we know of (a bug, an unexpected reply): the states stay dirty
-            # and are retried like after an outage, never left in flight for good.
-            self.redis_errors_total += 1
-            delay = self._wb.failed([a.key for a in acts], self._clock())
-            log.exception("flush failed unexpectedly; state kept in memory", extra={"actors": len(acts)})
-            return
         finally:
             if self._stuck:
                 self._wake.set()  # the flush loop waited for a write like this one to return
+        self._wb.flushed([a.key for a in acts])  # first: nothing below may leave them in flight
         self.last_flush_duration = time.perf_counter() - started
         self.on_flushed(self.last_flush_duration)
         self.last_success = self._clock()
         self.flushes_total += 1
-        self._wb.flushed([a.key for a in acts])
         for act, seq, version, ok in zip(acts, seqs, versions, results, strict=True):
             if ok:
                 self.states_written_total += 1

@@ -40,6 +40,7 @@ class WriteBehind:
         self._unsettled: set[Hashable] = set()
         self._next_flush = now + interval
         self._failures = 0  # consecutive failed flushes
+        self._retry_at = 0.0  # after a failed flush: not before this
         self._urgent = False  # someone waits for a write: flush without waiting for the period
 
     def __len__(self) -> int:
@@ -99,6 +100,11 @@ class WriteBehind:
             self._next_flush = now + self.interval
         return batch
 
+    @property
+    def retry_at(self) -> float:
+        """After a failed write, when the backoff allows the next (0 once one succeeded)."""
+        return self._retry_at
+
     def flushed(self, keys: Iterable[Hashable]) -> None:
         dirty = self._dirty
         for key in keys:
@@ -106,17 +112,19 @@ class WriteBehind:
             if key not in dirty:  # not changed again while it was written
                 self._unsettled.discard(key)
         self._failures = 0
+        self._retry_at = 0.0
 
     def failed(self, keys: Iterable[Hashable], now: float) -> float:
         """The write of `keys` failed; they stay dirty. Returns the retry delay chosen."""
         for key in keys:
-            self._in_flight.discard(key)
-            self._dirty[key] = None  # unsettled still: it was in flight
+            if key in self._in_flight:  # (one a batch skipped, or wrote, is not dirty again)
+                self._in_flight.discard(key)
+                self._dirty[key] = None  # unsettled still: it was in flight
         self._failures += 1
         # The exponent stops growing once the cap is reached: 2**1024 is past a float, and an
         # outage can last that many retries.
         delay = self._rng.uniform(0, min(self.retry_cap, self.retry_base * 2 ** min(self._failures, 60)))
-        self._next_flush = now + max(delay, 0.001)
+        self._next_flush = self._retry_at = now + max(delay, 0.001)
         return delay
 
     def unsent(self, keys: Iterable[Hashable]) -> None:

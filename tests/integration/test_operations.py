@@ -201,8 +201,17 @@ def test_up_refuses_beside_a_running_cluster_or_a_foreign_redis_and_restart_redi
     pids = {name: local.pid(name) for name in local.process_names()}
 
     # A second `up` of the same cluster: refused, and what runs is left alone.
-    with pytest.raises(ClusterError, match="already running"):
+    with pytest.raises(ClusterError, match="already running: redis, n1, n2, n3, gateway"):
         local.up()
+    assert {name: local.pid(name) for name in pids} == pids
+    # ... and so does `ringside up` (which used to stop everything on any error of `up`).
+    up = subprocess.run(
+        [sys.executable, "-m", "server.cli", "--config", str(local.config_path), "up"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert up.returncode == 1 and "already running" in up.stderr, up.stderr
     assert {name: local.pid(name) for name in pids} == pids
 
     # Another cluster whose Redis port is taken by this one's Redis: refused before it

@@ -194,7 +194,7 @@ def test_an_unexpected_write_error_keeps_the_state_dirty_and_the_loop_running():
         loop_task.cancel()
         await asyncio.gather(loop_task, return_exceptions=True)
         assert store.written == [("player:a", 1)] and len(wb) == 0
-        assert persister.redis_errors_total == 2
+        assert persister.loop_errors_total == 2
 
     asyncio.run(main())
 
@@ -209,5 +209,77 @@ def test_the_final_flush_waits_out_the_backoff_instead_of_hammering_redis():
         # Backoff capped at 50 ms (retry_cap): about 0.5 s / 25 ms on average, not thousands.
         assert 3 <= len(store.attempts) <= 60, len(store.attempts)
         assert wb.is_dirty("player:a")
+
+    asyncio.run(main())
+
+
+def test_a_state_that_fails_to_serialize_once_is_not_left_in_flight():
+    """A bug before the write (here: building the blob) must leave the key dirty, so that
+    the next flush writes it once the bug has passed."""
+
+    class Brittle(PlayerState):
+        __slots__ = ("fail",)
+
+        def to_blob(self) -> bytes:
+            if self.fail:
+                self.fail = False
+                raise TypeError("not serializable this once")
+            return super().to_blob()
+
+    async def main():
+        store = FlakyStore(0, RuntimeError())
+        wb, runtime, persister, _ = make(store)
+        runtime.adopt("player:a", 1, PlayerState("a").to_blob())
+        state = Brittle("a")
+        state.fail = True
+        runtime.actors["player:a"].data = state
+        wb.mark_dirty("player:a")
+        # The first take fails on the blob; the key must come back, and be written after.
+        assert await persister.flush_all(deadline=time.monotonic() + 1)
+        assert persister.loop_errors_total == 1 and store.written == [("player:a", 1)]
+
+    asyncio.run(main())
+
+
+def test_the_flush_loop_outlives_an_error_of_its_own():
+    async def main():
+        store = FlakyStore(0, RuntimeError())
+        wb, runtime, persister, _ = make(store)
+        runtime.adopt("player:a", 1, PlayerState("a").to_blob())
+        real = persister.flush_due
+        calls = []
+
+        async def broken_once() -> bool:
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("a bug in the loop")
+            return await real()
+
+        persister.flush_due = broken_once  # type: ignore[method-assign]
+        wb.mark_dirty("player:a")
+        loop_task = asyncio.create_task(persister.run())
+        deadline = time.monotonic() + 3
+        while not store.written:
+            assert time.monotonic() < deadline and not loop_task.done(), loop_task
+            await asyncio.sleep(0.01)
+        loop_task.cancel()
+        await asyncio.gather(loop_task, return_exceptions=True)
+        assert persister.loop_errors_total == 1 and len(calls) >= 2
+
+    asyncio.run(main())
+
+
+def test_the_final_flush_does_not_wait_a_period_after_a_recovered_outage():
+    """`flush_all` waits out a failed write's backoff, not the flush period."""
+
+    async def main():
+        store = FlakyStore(1, StoreUnavailable("connection refused"))
+        wb, runtime, persister, _ = make(store)
+        wb.interval = 30.0  # a long period: waiting for it would miss the deadline
+        runtime.adopt("player:a", 1, PlayerState("a").to_blob())
+        wb.mark_dirty("player:a")
+        started = time.monotonic()
+        assert await persister.flush_all(deadline=started + 2)
+        assert time.monotonic() - started < 1 and store.written == [("player:a", 1)]
 
     asyncio.run(main())
