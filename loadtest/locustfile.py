@@ -178,9 +178,8 @@ class GameClient(User):
         try:
             while True:
                 opcode, raw = ws.recv_data()
-                if opcode == websocket.ABNF.OPCODE_CLOSE:
-                    body = raw.data  # the close frame: a 2-byte code, then the reason
-                    raise ServerClosed(int.from_bytes(body[:2], "big") if len(body) >= 2 else None)
+                if opcode == websocket.ABNF.OPCODE_CLOSE:  # raw: a 2-byte code, then the reason
+                    raise ServerClosed(int.from_bytes(raw[:2], "big") if len(raw) >= 2 else None)
                 now = time.perf_counter()
                 msg = orjson.loads(raw)
                 if "ev" in msg:

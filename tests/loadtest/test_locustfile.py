@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ def scratch_cluster(tmp_path: Path):
 
 
 def run_locust(
-    config: Path, out: Path, *args: str, **settings: str
+    config: Path, out: Path, *args: str, expect_ok: bool = True, **settings: str
 ) -> tuple[subprocess.CompletedProcess[str], dict[str, dict[str, str]]]:
     locust = Path(sys.executable).with_name("locust")
     if not locust.exists():
@@ -45,7 +46,8 @@ def run_locust(
     command += [*args, "--csv", str(out / "run"), "--html", str(out / "report.html"), "--only-summary"]
     command += ["--exit-code-on-error", "1"]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if expect_ok:
+        assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "run_stats.csv", newline="") as fh:
         rows = {row["Name"]: row for row in csv.DictReader(fh)}
     return proc, rows
@@ -104,3 +106,18 @@ def test_locust_kills_a_node_with_worker_processes(scratch_cluster: Path, tmp_pa
     assert round(float(row["Average Content Size"])) == sent, (row, line.group(0))  # the whole window
     assert "kill n2: longest stall" in (tmp_path / "report.html").read_text()
     assert "the test ended before this window settled" not in proc.stderr
+
+
+def test_a_server_close_is_reported_with_its_close_code(scratch_cluster: Path, tmp_path: Path) -> None:
+    """The gateway restarted under load: each user's lost connection is a failure naming
+    the close code the gateway sent (1001), not the handshake's HTTP status."""
+    local = LocalCluster(load_config(scratch_cluster, env={}), str(scratch_cluster))
+    restarter = threading.Timer(3.0, local.restart_gateway)
+    restarter.start()
+    try:
+        run_locust(scratch_cluster, tmp_path, "-u", "4", "-r", "4", "-t", "9s", expect_ok=False)
+    finally:
+        restarter.join()
+    with open(tmp_path / "run_failures.csv", newline="") as fh:
+        lost = [row for row in csv.DictReader(fh) if row["Name"] == "connection"]
+    assert lost and all("(close 1001)" in row["Error"] for row in lost), lost
