@@ -440,7 +440,13 @@ class LocalCluster:
             )
         return elapsed
 
+    def _check_process_name(self, name: str) -> None:
+        known = [*self.config.all_node_names, "gateway", "redis"]
+        if name not in known:
+            raise ClusterError(f"no process named {name!r} (have {', '.join(known)})")
+
     def kill(self, name: str) -> int:
+        self._check_process_name(name)
         pid = self.pid(name)
         if pid is None:
             raise ClusterError(f"{name} is not running")
@@ -451,6 +457,7 @@ class LocalCluster:
         return pid
 
     def pause(self, name: str, seconds: float) -> None:
+        self._check_process_name(name)
         pid = self.pid(name)
         if pid is None:
             raise ClusterError(f"{name} is not running")
