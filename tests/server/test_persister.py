@@ -59,6 +59,26 @@ def make(store: FencedStore):
     return wb, runtime, persister, deactivated
 
 
+def one_dirty_player(store: FencedStore):
+    """A persister over `store` with one active player, `player:a`, dirty."""
+    wb, runtime, persister, _ = make(store)
+    runtime.adopt("player:a", 1, PlayerState("a").to_blob())
+    wb.mark_dirty("player:a")
+    return wb, runtime, persister
+
+
+async def run_loop_until(persister: Persister, condition, timeout: float, what: str) -> None:
+    """Run the flush loop until `condition()` holds (failing past `timeout` or if the loop
+    ends), then stop it."""
+    task = asyncio.create_task(persister.run())
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline and not task.done(), (what, task)
+        await asyncio.sleep(0.01)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 def test_a_refused_write_of_a_dropped_activation_leaves_the_newer_one_alone():
     async def main():
         store = FencedStore(fence=3)
@@ -108,16 +128,8 @@ def test_a_write_stopped_midway_leaves_its_keys_to_the_final_flush():
 
     async def main():
         store = FencedStore()
-        wb, runtime, persister, _ = make(store)
-        runtime.adopt("player:a", 1, PlayerState("a").to_blob())
-        wb.mark_dirty("player:a")
-        loop_task = asyncio.create_task(persister.run())
-        deadline = time.monotonic() + 2
-        while not store.started:
-            assert time.monotonic() < deadline, "the loop wrote"
-            await asyncio.sleep(0.01)
-        loop_task.cancel()
-        await asyncio.gather(loop_task, return_exceptions=True)
+        wb, runtime, persister = one_dirty_player(store)
+        await run_loop_until(persister, lambda: store.started, 2, "the loop began a write")
         store.gate.set()
         assert await persister.flush_all(deadline=time.monotonic() + 1)
         assert store.written == [("player:a", 1)]
@@ -182,17 +194,8 @@ class FlakyStore(FencedStore):
 def test_an_unexpected_write_error_keeps_the_state_dirty_and_the_loop_running():
     async def main():
         store = FlakyStore(2, RuntimeError("a bug in the write path"))
-        wb, runtime, persister, _ = make(store)
-        runtime.adopt("player:a", 1, PlayerState("a").to_blob())
-        wb.mark_dirty("player:a")
-        loop_task = asyncio.create_task(persister.run())
-        deadline = time.monotonic() + 3
-        while not store.written:
-            assert time.monotonic() < deadline, f"not written after {len(store.attempts)} attempts"
-            assert not loop_task.done(), loop_task
-            await asyncio.sleep(0.01)
-        loop_task.cancel()
-        await asyncio.gather(loop_task, return_exceptions=True)
+        wb, runtime, persister = one_dirty_player(store)
+        await run_loop_until(persister, lambda: store.written, 3, "written after two failures")
         assert store.written == [("player:a", 1)] and len(wb) == 0
         assert persister.loop_errors_total == 2
 
@@ -202,9 +205,7 @@ def test_an_unexpected_write_error_keeps_the_state_dirty_and_the_loop_running():
 def test_the_final_flush_waits_out_the_backoff_instead_of_hammering_redis():
     async def main():
         store = FlakyStore(10**9, StoreUnavailable("connection refused"))  # Redis stays away
-        wb, runtime, persister, _ = make(store)
-        runtime.adopt("player:a", 1, PlayerState("a").to_blob())
-        wb.mark_dirty("player:a")
+        wb, runtime, persister = one_dirty_player(store)
         assert not await persister.flush_all(deadline=time.monotonic() + 0.5)
         # Backoff capped at 50 ms (retry_cap): about 0.5 s / 25 ms on average, not thousands.
         assert 3 <= len(store.attempts) <= 60, len(store.attempts)
@@ -244,8 +245,7 @@ def test_a_state_that_fails_to_serialize_once_is_not_left_in_flight():
 def test_the_flush_loop_outlives_an_error_of_its_own():
     async def main():
         store = FlakyStore(0, RuntimeError())
-        wb, runtime, persister, _ = make(store)
-        runtime.adopt("player:a", 1, PlayerState("a").to_blob())
+        wb, runtime, persister = one_dirty_player(store)
         real = persister.flush_due
         calls = []
 
@@ -256,30 +256,32 @@ def test_the_flush_loop_outlives_an_error_of_its_own():
             return await real()
 
         persister.flush_due = broken_once  # type: ignore[method-assign]
-        wb.mark_dirty("player:a")
-        loop_task = asyncio.create_task(persister.run())
-        deadline = time.monotonic() + 3
-        while not store.written:
-            assert time.monotonic() < deadline and not loop_task.done(), loop_task
-            await asyncio.sleep(0.01)
-        loop_task.cancel()
-        await asyncio.gather(loop_task, return_exceptions=True)
+        await run_loop_until(persister, lambda: store.written, 3, "written after the loop's error")
         assert persister.loop_errors_total == 1 and len(calls) >= 2
 
     asyncio.run(main())
 
 
 def test_the_final_flush_does_not_wait_a_period_after_a_recovered_outage():
-    """`flush_all` waits out a failed write's backoff, not the flush period."""
+    """A drain's `flush_all` starts while the flush loop's first write after an outage is
+    still in flight (the last write failed, the next flush is a whole period away): it must
+    wait for that write, not for the period."""
 
     async def main():
-        store = FlakyStore(1, StoreUnavailable("connection refused"))
-        wb, runtime, persister, _ = make(store)
-        wb.interval = 30.0  # a long period: waiting for it would miss the deadline
-        runtime.adopt("player:a", 1, PlayerState("a").to_blob())
-        wb.mark_dirty("player:a")
+        store = FencedStore(fail_first=True)
+        wb, runtime, persister = one_dirty_player(store)
+        wb.interval = 30.0  # waiting for the period would miss the deadline
+        store.gate.set()
+        await persister._write(wb.take_batch(wb.next_flush))  # the outage: it fails
+        assert wb.degraded and wb.is_dirty("player:a")
+        await asyncio.sleep(max(0.0, wb.retry_at - time.monotonic()))
+        store.gate.clear()
+        in_flight = asyncio.create_task(persister._write(wb.take_batch(wb.next_flush)))
+        asyncio.get_running_loop().call_later(0.2, store.gate.set)
         started = time.monotonic()
         assert await persister.flush_all(deadline=started + 2)
-        assert time.monotonic() - started < 1 and store.written == [("player:a", 1)]
+        assert time.monotonic() - started < 1
+        await in_flight
+        assert store.written == [("player:a", 1)]
 
     asyncio.run(main())
