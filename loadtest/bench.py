@@ -658,6 +658,13 @@ def latency_phase(
     return result
 
 
+class Miss(NamedTuple):
+    """Why a concurrency step did not hold."""
+
+    reason: str
+    slow: bool  # p99 (or lost replies) past the bound, rather than sessions failing to open
+
+
 def concurrency_steps(
     pool: GenPool, label: str, url: str, secret: str | None, bound: int, budget_s: float, phase_s: float
 ) -> dict[str, Any]:
@@ -676,7 +683,7 @@ def concurrency_steps(
     budget = time.monotonic() + budget_s
     opened = 0  # players ever opened: each step's new sessions are new players
 
-    def measure(target: int) -> str | None:
+    def measure(target: int) -> Miss | None:
         """Grow the pool to `target` sessions and measure; None if held, else why not."""
         nonlocal n_open, opened
         log(f"concurrency, {label}: {target:,} sessions at 1 update/s ({len(pool)} generator processes)")
@@ -694,8 +701,8 @@ def concurrency_steps(
         if r["failed"]:
             steps.append({"sessions": n_open, "open_failed": r["failed"], "error": r["first_error"]})
             if r["first_error"] == "time budget":
-                return "the time budget"
-            return f"{r['failed']:,} of {asked:,} failing to open"
+                return Miss("the time budget", slow=False)
+            return Miss(f"{r['failed']:,} of {asked:,} failing to open", slow=False)
         # A step that misses is measured once more before it counts: one pause of a
         # process (a full garbage collection over thousands of connections, say) can
         # put a single phase's p99 past 50 ms, for the echo as for Ringside.
@@ -715,7 +722,7 @@ def concurrency_steps(
                 return None
         missed = [f"p99 {res['lat']['p99_ms']:.0f} ms"]
         missed += [f"{res[k]:,} {k}" for k in ("unanswered", "errors") if res[k]]
-        return f"{', '.join(missed)} at {n_open:,}"
+        return Miss(f"{', '.join(missed)} at {n_open:,}", slow=True)
 
     try:
         while n_open < bound:
@@ -723,10 +730,10 @@ def concurrency_steps(
                 stopped = "the time budget"
                 break
             target = min(bound, max(1000, int(n_open * 1.5 / 500 + 0.5) * 500))
-            why = measure(target)
-            if why is not None:
-                stopped = why
-                missed_at = n_open if why.startswith("p99") else 0
+            miss = measure(target)
+            if miss is not None:
+                stopped = miss.reason
+                missed_at = n_open if miss.slow else 0
                 break
             held = n_open
         # Halve the gap between the last step held and the first that missed.
@@ -739,13 +746,13 @@ def concurrency_steps(
                 break
             pool.close()
             n_open = 0
-            why = measure(target)
-            if why is None:
+            miss = measure(target)
+            if miss is None:
                 held = n_open
-            elif why.startswith("p99"):
-                stopped, missed_at = why, n_open
+            elif miss.slow:
+                stopped, missed_at = miss.reason, n_open
             else:
-                stopped += f"; halving: {why}"
+                stopped += f"; halving: {miss.reason}"
                 break
     except BaseException:
         with contextlib.suppress(Exception):  # the first error is the one to see

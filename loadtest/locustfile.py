@@ -377,7 +377,14 @@ CHAOS_PLAN = parse_chaos(CHAOS)
 def _chaos(action: str, node: str, at: float, t0: float, distributed: bool) -> None:
     gevent.sleep(max(0.0, t0 + at - time.time()))
     cluster = LocalCluster(CONFIG, CONFIG_PATH, progress=lambda msg: log.info(msg))
-    entry: dict[str, Any] = {"action": action, "node": node, "at_s": at, "wall": time.time()}
+    wall = time.time()
+    entry: dict[str, Any] = {
+        "action": action,
+        "node": node,
+        "at_s": at,
+        "wall": wall,
+        "settle_s": _settle_s(wall, distributed),
+    }
     _chaos_log.append(entry)
     print(f"[chaos] {action} {node} at t={time.time() - t0:.1f}s", file=sys.stderr, flush=True)
     started = time.perf_counter()
@@ -410,24 +417,28 @@ def _chaos(action: str, node: str, at: float, t0: float, distributed: bool) -> N
         exception=exc,
         context={},
     )
-    # The stall row waits until every request sent in the window has been answered or has
-    # timed out (the user's tick expires it), and, under --processes, until the workers'
-    # reports (every WORKER_REPORT_INTERVAL s) have brought that to the master.
-    margin = 0.5 + (WORKER_REPORT_INTERVAL + 1.0 if distributed else 0.0)
-    gevent.sleep(max(0.0, _window(entry)[1] + TIMEOUT_S + margin - time.time()))
+    gevent.sleep(max(0.0, entry["wall"] + entry["settle_s"] - time.time()))
     _fire_stall(entry)
 
 
-def _window(entry: dict[str, Any]) -> tuple[int, int]:
-    """The seconds (of send time) a chaos event's window spans: from the one it happened
-    in through STALL_WINDOW_S after it; [first, end)."""
-    return int(entry["wall"]), int(entry["wall"] + STALL_WINDOW_S) + 1
+def _settle_s(wall: float, distributed: bool) -> float:
+    """Seconds from a chaos event until every request sent in its window has been answered
+    or has timed out (the user's tick expires it), and, under --processes, the workers'
+    reports (every WORKER_REPORT_INTERVAL s) have brought that to the master."""
+    margin = 0.5 + (WORKER_REPORT_INTERVAL + 1.0 if distributed else 0.0)
+    return _window(wall)[1] + TIMEOUT_S + margin - wall
+
+
+def _window(wall: float) -> tuple[int, int]:
+    """The seconds (of send time) the window of a chaos event at `wall` spans: from the one
+    it happened in through STALL_WINDOW_S after it; [first, end)."""
+    return int(wall), int(wall + STALL_WINDOW_S) + 1
 
 
 def _chaos_window(entry: dict[str, Any]) -> tuple[int, int, float]:
     """Requests sent in a chaos event's window: how many, how many failed, and the longest
     (ms)."""
-    first, end = _window(entry)
+    first, end = _window(entry["wall"])
     window = [b for sec, b in _buckets.items() if first <= sec < end]
     return (
         int(sum(b[0] for b in window)),
@@ -504,7 +515,7 @@ def chaos_summary() -> list[str]:
             lines.append(
                 "  (the test ended before this window settled, so the figures may miss requests "
                 "still in flight and the HTML/CSV reports may lack its stall row: run at least "
-                f"{STALL_WINDOW_S + TIMEOUT_S + 6:g}s past the event)"
+                f"{entry['settle_s'] + 1:.0f}s past the event)"  # +1: locust's CSV writes once a second
             )
     return lines
 

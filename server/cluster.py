@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from server.config import ClusterConfig
+from server.config import ClusterConfig, run_marker
 
 ProgressFn = Callable[[str], None]
 
@@ -87,11 +87,11 @@ class LocalCluster:
 
     def drained_file(self, name: str) -> Path:
         """Written by a node at the end of its drain (not by a crash); removed when it starts."""
-        return self.run_dir / f"{name}.drained"
+        return run_marker(self.run_dir, name, "drained")
 
     def unflushed_file(self, name: str) -> Path:
         """Written by a node that stopped with dirty actors it could not write (Redis away)."""
-        return self.run_dir / f"{name}.unflushed"
+        return run_marker(self.run_dir, name, "unflushed")
 
     def pid(self, name: str) -> int | None:
         try:
@@ -260,8 +260,8 @@ class LocalCluster:
 
     def down(self) -> None:
         # Gateway first (no new requests), then the nodes (each flushes), Redis last.
-        stopped = self.stop("gateway")
-        for name in stopped:
+        gateway = self.stop("gateway")
+        for name in gateway:
             self.progress(f"  {name} stopped")
         # A node retries Redis for stop_flush_timeout_s before it gives up: wait past that.
         timeout = self.config.node.stop_flush_timeout_s + self.config.node.leave_timeout_s + 10
@@ -285,11 +285,10 @@ class LocalCluster:
                 )
         for name in self.config.all_node_names:
             self.drained_file(name).unlink(missing_ok=True)
-        if self.config.redis.embedded:
-            for name in self.stop("redis"):
-                stopped.append(name)
-                self.progress(f"  {name} stopped")
-        if not stopped and not nodes:
+        redis = self.stop("redis") if self.config.redis.embedded else []
+        for name in redis:
+            self.progress(f"  {name} stopped")
+        if not (gateway or nodes or redis):
             self.progress(f"nothing was running (run dir {self.run_dir})")
 
     # -- operations -------------------------------------------------------

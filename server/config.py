@@ -256,13 +256,19 @@ def _section(cls: type, table: Mapping[str, Any], env: Mapping[str, str], prefix
             isinstance(default, float) and isinstance(value, int)
         ):
             raise ConfigError(f"[{prefix.lower()}] {name}: expected {type(default).__name__}")
-        env_name = f"RINGSIDE_{prefix}_{name.upper()}"
+        env_name = f"{env_prefix}{name.upper()}"
         if env_name in env:
             value = _coerce(env[env_name], default, env_name)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise ConfigError(f"[{prefix.lower()}] {name} = {value}: must be 0 or more")
         values[name] = value
     return cls(**values)
+
+
+def run_marker(run_dir: str | Path, name: str, kind: str) -> Path:
+    """`<run_dir>/<name>.<kind>`: how a node tells `ringside` (server/cluster.py) how it
+    ended: `drained` on purpose, or `unflushed` (stopped with states Redis never got)."""
+    return Path(run_dir) / f"{name}.{kind}"
 
 
 _SECTIONS = ("cluster", "redis", "node", "gateway", "swim", "gc", "nodes")

@@ -15,14 +15,13 @@ import signal
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from websockets.asyncio.server import serve
 
 from server.admin import admin_routes
-from server.config import ClusterConfig
+from server.config import ClusterConfig, run_marker
 from server.errors import ActorMoved, Overloaded, RingsideError, Unavailable, error_reply, ok_reply
 from server.game import GameState
 from server.gcpolicy import GcPolicy
@@ -636,7 +635,7 @@ class Node:
         # Tells `ringside status` this node was drained on purpose, not lost; the local
         # cluster removes it when the node starts again.
         with contextlib.suppress(OSError):
-            (Path(self.config.run_dir) / f"{self.name}.drained").touch()
+            run_marker(self.config.run_dir, self.name, "drained").touch()
         self._stopping.set()
 
     async def _stall_watchdog(self) -> None:
@@ -741,7 +740,7 @@ class Node:
                 extra={"actors": len(self.wb)},
             )
             with contextlib.suppress(OSError):  # `ringside down` reports it
-                (Path(self.config.run_dir) / f"{self.name}.unflushed").write_text(f"{len(self.wb)}\n")
+                run_marker(self.config.run_dir, self.name, "unflushed").write_text(f"{len(self.wb)}\n")
         admin.close()
         await self.store.close()
         self.gc.close()
