@@ -72,21 +72,6 @@ class NodeMetrics:
                 "Seconds since the last successful flush while dirty",
                 node.flush_lag,
             ),
-            "ringside_node_activations_total": ("Activations", lambda: node.runtime.activations_total),
-            "ringside_node_passivations_total": ("Passivations", lambda: node.runtime.passivations_total),
-            "ringside_node_stale_epoch_total": (
-                "Writes refused for a stale epoch",
-                lambda: node.runtime.stale_total,
-            ),
-            "ringside_node_redis_errors_total": ("Failed flushes", lambda: node.persister.redis_errors_total),
-            "ringside_node_flush_bugs_total": (
-                "Flush errors that were not a Redis outage (a bug: see the log)",
-                lambda: node.persister.loop_errors_total,
-            ),
-            "ringside_node_states_written_total": (
-                "Actor states written",
-                lambda: node.persister.states_written_total,
-            ),
         }
         for name, (doc, fn) in gauges.items():
             Gauge(name, doc, registry=r).set_function(fn)
@@ -121,6 +106,15 @@ class NodeMetrics:
             link_bytes.add_metric(["out"], sum(link.bytes_out for link in links))
             yield link_bytes
             counters = {
+                "ringside_node_activations": ("Activations", node.runtime.activations_total),
+                "ringside_node_passivations": ("Passivations", node.runtime.passivations_total),
+                "ringside_node_stale_epoch": ("Writes refused for a stale epoch", node.runtime.stale_total),
+                "ringside_node_redis_errors": ("Failed flushes", node.persister.redis_errors_total),
+                "ringside_node_flush_bugs": (
+                    "Flush errors that were not a Redis outage (a bug: see the log)",
+                    node.persister.loop_errors_total,
+                ),
+                "ringside_node_states_written": ("Actor states written", node.persister.states_written_total),
                 "ringside_node_handoffs": ("Actors handed off (ring change, drain)", node.handoffs_total),
                 "ringside_node_migrated": ("Actors migrated to another node", node.migrator.migrated_total),
                 "ringside_node_adopted": ("Actors adopted from another node", node.runtime.adopted_total),

@@ -23,11 +23,12 @@ def scrape(cluster: Cluster, name: str) -> dict[tuple[str, frozenset[tuple[str, 
 
     with urllib.request.urlopen(cluster.local.admin_url(name) + "/metrics", timeout=2) as resp:
         text = resp.read().decode()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    families = list(text_string_to_metric_families(text))
+    # A `_total` typed gauge misleads Prometheus's rate() and its type-aware tooling.
+    totals = [f for f in families if any(s.name.endswith("_total") for s in f.samples)]
+    mistyped = [f.name for f in totals if f.type != "counter"]
+    assert not mistyped, f"{name}: _total metrics not typed counter: {mistyped}"
+    return {(s.name, frozenset(s.labels.items())): s.value for family in families for s in family.samples}
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
