@@ -66,6 +66,12 @@ def _err(exc: RingsideError) -> dict[str, Any]:
     return {"ok": False, "error": {"code": exc.code, "message": exc.message}}
 
 
+def _own_event(player_key: str, event: dict[str, Any], kind: str) -> bool:
+    action = event.get("action")
+    sender = f"player:{event.get('from')}"
+    return isinstance(action, dict) and action.get("type") == kind and sender == player_key
+
+
 def stream_id(game: str) -> int:
     """The 64-bit id the gateway deduplicates a game's pushes by."""
     return mmh3.hash64(game.encode(), signed=False)[0]
@@ -135,7 +141,8 @@ class Messaging:
             remaining = deadline - time.monotonic()
             try:
                 if owner == self.name:
-                    reply = await self.local(message)
+                    async with asyncio.timeout(max(remaining, 0.01)):  # as a peer's call is
+                        reply = await self.local(message)
                 else:
                     reply = await self._peers.call(owner, message, max(remaining, 0.01))
             except (PeerLost, TimeoutError):
@@ -284,10 +291,14 @@ class Messaging:
         except RingsideError as exc:
             answer(_err(exc))
             return
+        on_durable = lambda: answer(_ok(result))  # noqa: E731
+        on_refused = lambda: answer(_err(Unavailable("moved")))  # noqa: E731
         if not events:
-            answer(_ok(result))
+            # A replay's original, or the events a read shows, may still be on their way to
+            # Redis: answered once they are there, as the original would have been.
+            act.when_durable(lambda ok: on_durable() if ok else on_refused())
             return
-        self._commit(act, events, lambda: answer(_ok(result)), lambda: answer(_err(Unavailable("moved"))))
+        self._commit(act, events, on_durable, on_refused)
 
     def _commit(
         self,
@@ -345,23 +356,38 @@ class Messaging:
 
     # -- player side ------------------------------------------------------
     def _receive_events(self, act: Activation, events: list[dict[str, Any]]) -> Any:
-        games = act.player.games
         changed = False
         for data in events:
             game_id, seq = data.get("game"), data.get("seq")
             if not isinstance(game_id, str) or not isinstance(seq, int):
                 continue
-            last = games.get(game_id)
+            last = self._last_seen(act, game_id, data)
             if last is None or seq <= last:
                 continue
             if seq > last + 1:
                 return self._sync(act, game_id)  # fetches these too, in order
-            self._push_event(act, data)
-            games[game_id] = seq
+            self._take_event(act, game_id, data)
             changed = True
         if changed:
             self._wb.mark_dirty(act.key)
         return None
+
+    @staticmethod
+    def _last_seen(act: Activation, game_id: str, data: dict[str, Any]) -> int | None:
+        """The last event of `game_id` pushed to the player, or None when it does not follow
+        the game. Its own `joined` (a re-join after a leave whose reply never came) and `left`
+        make `games` follow what the game says, whatever became of the replies."""
+        last = act.player.games.get(game_id)
+        if last is None and _own_event(act.key, data, "joined"):
+            return int(data["seq"]) - 1
+        return last
+
+    def _take_event(self, act: Activation, game_id: str, data: dict[str, Any]) -> None:
+        self._push_event(act, data)
+        if _own_event(act.key, data, "left"):
+            act.player.games.pop(game_id, None)
+        else:
+            act.player.games[game_id] = data["seq"]
 
     def _push_event(self, act: Activation, data: dict[str, Any]) -> None:
         frame = orjson.dumps({"ev": "game.event", "data": data})
@@ -397,9 +423,9 @@ class Messaging:
             note = {"ev": "game.truncated", "data": {"game": game_id, "after": last}}
             self._push(act.key, 0, 0, orjson.dumps(note))
         for data in result.get("events", []):
-            if data["seq"] > act.player.games.get(game_id, data["seq"]):
-                self._push_event(act, data)
-                act.player.games[game_id] = data["seq"]
+            last = self._last_seen(act, game_id, data)
+            if last is not None and data["seq"] > last:
+                self._take_event(act, game_id, data)
         self._wb.mark_dirty(act.key)
 
     async def game_request(self, act: Activation, seq: int, request: Request) -> Any:
@@ -430,19 +456,32 @@ class Messaging:
             await self._sync(act, game_id)
             return result
         if op == "game.leave":
-            result = await self.call(key, op, {}, sender=pid, sender_seq=seq)
+            result = await self._game_write(act, pid, game_id, op, {}, seq)
             player.games.pop(game_id, None)
             self._mark_applied(act, seq)
             return result
         if op == "game.action":
             if game_id not in player.games:
                 raise NotInGame(f"{pid} is not in game {game_id}")
-            return await self.call(key, op, {"action": args.get("action")}, sender=pid, sender_seq=seq)
+            return await self._game_write(act, pid, game_id, op, {"action": args.get("action")}, seq)
         if op == "game.get":
             return await self.call(key, op, {}, sender=pid, sender_seq=0)
         if op == "game.events":
             return await self.call(key, op, {"after": args.get("after", 0)}, sender=pid, sender_seq=0)
         raise UnknownOp(f"unknown op {op!r}")
+
+    async def _game_write(
+        self, act: Activation, pid: str, game_id: str, op: str, args: dict[str, Any], seq: int
+    ) -> Any:
+        """A leave or an action, in the player's name. When the game says the player is not in
+        it (a leave whose reply timed out, then applied; a game lost from Redis), the player's
+        `games` forgets it too, or the stale entry would hold one of its game slots for good."""
+        try:
+            return await self.call(f"game:{game_id}", op, args, sender=pid, sender_seq=seq)
+        except RemoteError as exc:
+            if exc.code in ("not_in_game", "not_found") and act.player.games.pop(game_id, None) is not None:
+                self._wb.mark_dirty(act.key)
+            raise
 
     def _check_room(self, games: dict[str, int], game_id: str) -> None:
         if game_id not in games and len(games) >= self.settings.max_games_per_player:

@@ -92,6 +92,15 @@ class Activation:
         self.version += 1
         self.waiters.append((self.version, waiter))
 
+    def when_durable(self, waiter: DurableWaiter) -> None:
+        """Call `waiter` once every change that waits for durability has been written (or
+        refused): now, when none is pending. For answers that change nothing but show what
+        changed before them (a replay of an effect, a read)."""
+        if self.waiters:
+            self.waiters.append((self.version, waiter))
+        else:
+            waiter(True)
+
     def durable_upto(self, version: int, ok: bool) -> None:
         if not self.waiters:
             return

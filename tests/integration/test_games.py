@@ -11,10 +11,11 @@ import time
 import urllib.request
 
 import orjson
+import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from gateway.client import RingsideClient
+from gateway.client import RequestFailed, RingsideClient
 from server.ring import HashRing
 from tests.integration.conftest import await_until
 
@@ -210,3 +211,66 @@ def test_a_sealed_cluster_plays_across_nodes(make_cluster):
 
     asyncio.run(main())
     assert cluster.gateway_status()["membership"]["gossip_dropped"] == 0
+
+
+def test_a_leave_that_timed_out_does_not_hold_a_game_slot(make_cluster):
+    """A leave the game applied after the player's call gave up (`timeout`: Redis stalled the
+    game's commit) must not leave the game in the player's `games`, where it would hold one of
+    its game slots for good: the player's actor takes its own `left` event as the answer (and
+    its own `joined` for a join that timed out). A stale entry that gets past that (a lost
+    push) goes at the next leave or action, which the game answers `not_in_game`. Before the
+    replay fix, 3 runs in 10 failed here: the call's retry at its deadline was answered `ok`
+    from the game's memory while the leave was not yet in Redis."""
+    cluster = make_cluster(extra="[node]\ncall_timeout_s = 1.0")
+
+    async def main():
+        client = await RingsideClient.connect(cluster.url, cluster.token("leaver"))
+        game = (await client.request("game.create", {"mode": "ffa", "max_players": 2}))["game"]
+        stall = asyncio.create_task(asyncio.to_thread(cluster.local.pause, "redis", 2.5))
+        await asyncio.sleep(0.2)
+        with pytest.raises(RequestFailed) as failed:
+            await client.request("game.leave", {"game": game})
+        assert failed.value.code == "timeout"
+        await stall
+
+        async def games():
+            return (await client.request("player.get"))["games"]
+
+        await await_until_async(games, lambda g: g == [], timeout=10)
+        assert (await client.request("game.get", {"game": game}))["players"] == []
+
+        # A join that timed out the same way: its own `joined` makes the player follow the game.
+        stall = asyncio.create_task(asyncio.to_thread(cluster.local.pause, "redis", 2.5))
+        await asyncio.sleep(0.2)
+        with pytest.raises(RequestFailed) as failed:
+            await client.request("game.join", {"game": game})
+        assert failed.value.code == "timeout"
+        await stall
+        await await_until_async(games, lambda g: g == [game], timeout=10)
+        await client.request("game.action", {"game": game, "action": {"type": "score", "points": 1}})
+        await client.close()
+
+        # The stale entry as a lost push would leave it: in the state the actor loads.
+        other = await client_game(cluster, "owner2")
+        cluster.redis.set(
+            "rs:{player:ghost}:state",
+            orjson.dumps({"name": "ghost", "games": {other: 0, game: 0}}),
+        )
+        ghost = await RingsideClient.connect(cluster.url, cluster.token("ghost"))
+        assert sorted((await ghost.request("player.get"))["games"]) == sorted([other, game])
+        for g in (other, game):
+            op, args = ("game.action", {"action": {"type": "x"}}) if g == other else ("game.leave", {})
+            with pytest.raises(RequestFailed) as failed:
+                await ghost.request(op, {"game": g, **args})
+            assert failed.value.code == "not_in_game"
+        assert (await ghost.request("player.get"))["games"] == []
+        await ghost.close()
+
+    asyncio.run(main())
+
+
+async def client_game(cluster, player):
+    client = await RingsideClient.connect(cluster.url, cluster.token(player))
+    game = (await client.request("game.create", {"mode": "ffa", "max_players": 2}))["game"]
+    await client.close()
+    return game

@@ -261,3 +261,23 @@ def test_a_hand_over_older_than_an_epoch_held_here_since_is_refused():
         assert runtime.adopt("player:a", 6, blob(10, 10)), "a newer one is taken"
 
     asyncio.run(main())
+
+
+def test_an_answer_that_changes_nothing_waits_for_the_changes_before_it():
+    """A game answers a replay of an effect (or a read) at once only when nothing is on its
+    way to Redis; otherwise with the change before it, and refused with it."""
+    act = Activation("game:g", 0.0)
+    answered: list[tuple[str, bool]] = []
+    act.when_durable(lambda ok: answered.append(("idle read", ok)))
+    assert answered == [("idle read", True)]
+
+    act.wait_durable(lambda ok: answered.append(("leave", ok)))  # the original, being written
+    written = act.version  # what the flush in flight carries
+    act.when_durable(lambda ok: answered.append(("replay", ok)))
+    assert answered == [("idle read", True)]
+    act.wait_durable(lambda ok: answered.append(("next action", ok)))
+    act.durable_upto(written, True)
+    assert answered[1:] == [("leave", True), ("replay", True)]
+    act.when_durable(lambda ok: answered.append(("read", ok)))
+    act.durable_upto(act.version, False)  # fenced: that change never reached Redis
+    assert answered[3:] == [("next action", False), ("read", False)]
