@@ -75,6 +75,7 @@ class ClientSession:
         "attached",
         "space",
         "close_code",
+        "closing",
         "_on_close",
         "fills",
         "fill_sent_at",
@@ -104,6 +105,9 @@ class ClientSession:
         self.attached: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.space: asyncio.Future[None] | None = None  # the reader waits for replay space
         self.close_code: CloseCode | None = None
+        # finish(): the close to send once every request forwarded has its reply out, and
+        # the timer that sends it anyway.
+        self.closing: tuple[CloseCode, str, asyncio.TimerHandle] | None = None
         self._on_close = on_close
         self.welcomed = False  # frames before the welcome wait in `outbound`
         # Until what queued before the welcome has drained, `outbound` holds max_replay more
@@ -177,6 +181,7 @@ class ClientSession:
                 self.welcome_backlog = False  # drained: the bound is max_outbound again
             self.writer = None
             break_error_cycles(self.ws)
+            self.finish_if_answered()
 
     async def wait_for_space(self) -> None:
         """Backpressure: the replay buffer is full; stop reading this client until it is not."""
@@ -190,8 +195,23 @@ class ClientSession:
         if self.space is not None and not self.space.done():
             self.space.set_result(None)
 
+    def finish(self, code: CloseCode, reason: str, within: float) -> None:
+        """Close with `code` once every request forwarded so far has had its reply written
+        (at most `within` seconds from now); frames from here on are not forwarded. So the
+        client knows what was applied: the requests it has a reply for, and no other."""
+        if self.close_code is None and self.closing is None:
+            timer = asyncio.get_running_loop().call_later(within, self.close, code, reason)
+            self.closing = (code, reason, timer)
+            self.finish_if_answered()
+
+    def finish_if_answered(self) -> None:
+        if self.closing is not None and self.core.unanswered == 0 and not self.outbound:
+            self.close(*self.closing[:2])
+
     def close(self, code: CloseCode, reason: str) -> None:
         """Close with `code`. The close frame queues behind what the client has not read."""
+        if self.closing is not None:
+            self.closing[2].cancel()
         if self.close_code is None:
             self.close_code = code
             self.wake_reader()  # a reader waiting for replay space stops reading now
@@ -536,6 +556,8 @@ class Gateway:
                     if frame.seq == cs.probe_seq:
                         cs.probe_seq = 0
                         self.metrics.request_seconds.observe(time.perf_counter() - cs.probe_at)
+                    if cs.closing is not None:
+                        cs.finish_if_answered()
                 if core.has_space:
                     cs.wake_reader()
                 if cs.detached_at is not None:
@@ -822,8 +844,11 @@ class Gateway:
                     await cs.wait_for_space()
                 if cs.close_code is None and core.state is not SessionState.CLOSED and cs.detached_at is None:
                     self._forward(cs, payload)
-                if cs.close_code is not None:
-                    await ws.wait_closed()  # our close code, not the 1000 of a returning handler
+                if cs.close_code is not None or cs.closing is not None:
+                    # Our close code, not the 1000 of a returning handler. Not reading on
+                    # fills websockets' queue, which pauses the socket: a flooding client
+                    # whose close is under way is not read (and parsed) at line rate.
+                    await ws.wait_closed()
                     return
                 if core.state is SessionState.CLOSED or cs.detached_at is not None:
                     return
@@ -838,6 +863,7 @@ class Gateway:
             cs.space is not None
             or not cs.core.has_space
             or cs.close_code is not None
+            or cs.closing is not None
             or cs.detached_at is not None
             or cs.core.state is SessionState.CLOSED
         ):
@@ -851,8 +877,10 @@ class Gateway:
     def _forward(self, cs: ClientSession, payload: bytes) -> None:
         """Count the frame against the rate limit and send it to the player's owner (or
         keep it for replay while the session moves)."""
+        if cs.closing is not None:
+            return  # not applied: the client gets no reply for it, then the close
         if not cs.bucket.take(time.monotonic()):
-            cs.close(CloseCode.RATE_LIMITED, "too many frames; slow down")
+            cs.finish(CloseCode.RATE_LIMITED, "too many frames; slow down", self.settings.move_timeout_s)
             return
         core = cs.core
         seq = core.submit(payload)

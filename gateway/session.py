@@ -78,6 +78,11 @@ class Session:
         return len(self._buffer)
 
     @property
+    def unanswered(self) -> int:
+        """Requests submitted whose reply has not gone to the client."""
+        return self.next_seq - 1 - self.answered
+
+    @property
     def has_space(self) -> bool:
         return len(self._buffer) < self.max_replay
 

@@ -25,7 +25,7 @@ import orjson
 
 from server.config import NodeSettings
 from server.errors import ActorMoved, BadRequest, Overloaded, RingsideError, Unavailable, UnknownOp
-from server.game import Event, GameLimits, GameState, NotInGame
+from server.game import Event, GameLimits, GameState
 from server.link import Link
 from server.membership import Membership
 from server.migration import ADOPT_OP, PULL_OP, Migrator
@@ -66,10 +66,13 @@ def _err(exc: RingsideError) -> dict[str, Any]:
     return {"ok": False, "error": {"code": exc.code, "message": exc.message}}
 
 
-def _own_event(player_key: str, event: dict[str, Any], kind: str) -> bool:
+def _event_type(event: dict[str, Any]) -> Any:
     action = event.get("action")
-    sender = f"player:{event.get('from')}"
-    return isinstance(action, dict) and action.get("type") == kind and sender == player_key
+    return action.get("type") if isinstance(action, dict) else None
+
+
+def _own_event(player_key: str, event: dict[str, Any], kind: str) -> bool:
+    return _event_type(event) == kind and f"player:{event.get('from')}" == player_key
 
 
 def stream_id(game: str) -> int:
@@ -384,8 +387,8 @@ class Messaging:
 
     def _take_event(self, act: Activation, game_id: str, data: dict[str, Any]) -> None:
         self._push_event(act, data)
-        if _own_event(act.key, data, "left"):
-            act.player.games.pop(game_id, None)
+        if _own_event(act.key, data, "left") or _event_type(data) == "ended":
+            act.player.games.pop(game_id, None)  # an ended game holds none of its slots
         else:
             act.player.games[game_id] = data["seq"]
 
@@ -460,9 +463,7 @@ class Messaging:
             player.games.pop(game_id, None)
             self._mark_applied(act, seq)
             return result
-        if op == "game.action":
-            if game_id not in player.games:
-                raise NotInGame(f"{pid} is not in game {game_id}")
+        if op == "game.action":  # the game says whether the player is in it, or it ended
             return await self._game_write(act, pid, game_id, op, {"action": args.get("action")}, seq)
         if op == "game.get":
             return await self.call(key, op, {}, sender=pid, sender_seq=0)

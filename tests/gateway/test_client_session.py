@@ -185,6 +185,47 @@ def test_a_closing_session_leaves_its_frames_to_the_reader_so_the_socket_is_paus
     asyncio.run(main())
 
 
+def test_over_the_rate_limit_every_forwarded_request_is_answered_before_the_close():
+    """4006 comes after the replies to every request forwarded before the limit, and no frame
+    past the limit reaches a node: a request has a reply if and only if it was applied."""
+
+    async def main():
+        gateway = Gateway(ClusterConfig(gateway=GatewaySettings(rate_limit_per_s=0.001, rate_limit_burst=2)))
+        forwarded: list[bytes] = []
+        gateway.links["n1"] = types.SimpleNamespace(  # type: ignore[assignment]
+            name="n1", send=lambda kind, session, seq, aux, payload: forwarded.append(payload)
+        )
+        cs, ws, reader = serving(gateway, 8, [], max_replay=8)
+        await until(lambda: not reader.done(), "the reader is in recv()")
+        for frame in (b"r1", b"r2", b"r3"):  # r3 is over the limit
+            gateway._on_client_frame(cs, frame)
+        assert gateway._on_client_frame(cs, b"r4") is False, "past the limit, frames are not taken"
+        ws.incoming.put_nowait(b"r4")
+        await until(reader.done, "the reader stops reading")
+        assert forwarded == [b"r1", b"r2"]
+        link = gateway.links["n1"]
+        gateway._on_frames(link, [Frame(Kind.REPLY, 8, 1, 0, b"a1")])  # type: ignore[arg-type]
+        assert cs.close_code is None, "r2 is still to be answered"
+        gateway._on_frames(link, [Frame(Kind.REPLY, 8, 2, 0, b"a2")])  # type: ignore[arg-type]
+        assert cs.close_code is CloseCode.RATE_LIMITED
+        assert ws.sent == [b"a1", b"a2"]
+
+    asyncio.run(main())
+
+
+def test_over_the_rate_limit_a_reply_that_never_comes_does_not_hold_the_close():
+    async def main():
+        settings = GatewaySettings(rate_limit_per_s=0.001, rate_limit_burst=1, move_timeout_s=0.05)
+        gateway = Gateway(ClusterConfig(gateway=settings))
+        gateway.links["n1"] = types.SimpleNamespace(name="n1", send=lambda *a: None)  # type: ignore[assignment]
+        cs, _, reader = serving(gateway, 9, [b"r1", b"r2"], max_replay=8)
+        await until(reader.done, "r2 is over the limit")
+        assert cs.close_code is None
+        await until(lambda: cs.close_code is CloseCode.RATE_LIMITED, "closed after move_timeout_s")
+
+    asyncio.run(main())
+
+
 def test_a_failing_frame_handler_closes_the_socket_with_1011_not_an_abort():
     async def main():
         accepted: asyncio.Queue[GatewayConnection] = asyncio.Queue()

@@ -150,7 +150,11 @@ def test_hostile_clients_do_not_disturb_an_honest_one(cluster):
 
 
 def test_a_flooding_client_is_closed_with_4006_and_others_are_not(make_cluster):
-    cluster = make_cluster(extra="[gateway]\nrate_limit_per_s = 20.0\nrate_limit_burst = 40.0")
+    # A flooding client is not read on once its close is under way (its close frame among
+    # them): the socket ends at close_timeout_s.
+    cluster = make_cluster(
+        extra="[gateway]\nrate_limit_per_s = 20.0\nrate_limit_burst = 40.0\nclose_timeout_s = 1.0"
+    )
 
     async def main():
         calm = await RingsideClient.connect(cluster.url, cluster.token("calm"))
@@ -166,6 +170,26 @@ def test_a_flooding_client_is_closed_with_4006_and_others_are_not(make_cluster):
             assert await calm.request("ping") == {"pong": True}
         assert calm.closed_with is None
         await calm.close()
+
+        # Updates in a burst past the limit: a reply for each one applied, none for the rest.
+        async with connect(cluster.url) as ws:
+            await ws.send(orjson.dumps({"op": "hello", "token": cluster.token("burst")}).decode())
+            assert orjson.loads(await ws.recv())["op"] == "welcome"
+            update = {"op": "player.update", "args": {"incr": {"xp": 1}}}
+            for i in range(1, 201):
+                await ws.send(orjson.dumps({"id": i, **update}).decode())
+            answered = []
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    reply = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+                    assert reply["ok"], reply
+                    answered.append(reply["id"])
+        assert ws.close_code == 4006
+        assert 40 <= len(answered) < 200
+        assert answered == list(range(1, len(answered) + 1))
+        again = await RingsideClient.connect(cluster.url, cluster.token("burst"))
+        assert (await again.request("player.get"))["xp"] == len(answered)
+        await again.close()
 
     asyncio.run(main())
 

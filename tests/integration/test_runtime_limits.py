@@ -80,5 +80,8 @@ def test_a_timed_game_ends_and_tells_its_players(cluster):
             assert state["status"] == "ended"
             reply = await c.call("game.action", {"game": game, "action": {"type": "x"}})
             assert reply["error"]["code"] == "game_ended"
+            # An ended game holds none of the player's game slots.
+            assert (await c.request("player.get"))["games"] == []
+            assert (await c.request("game.leave", {"game": game}))["game"] == game
 
     asyncio.run(main())
