@@ -289,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("seconds", type=float)
     p.set_defaults(func=cmd_pause)
+    for subparser in sub.choices.values():  # `ringside token alice --config c.toml` works too
+        subparser.add_argument("--config", default=argparse.SUPPRESS, help="as before the command")
     return parser
 
 

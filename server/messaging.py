@@ -460,6 +460,7 @@ class Messaging:
             return result
         if op == "game.leave":
             result = await self._game_write(act, pid, game_id, op, {}, seq)
+            await self._sync(act, game_id)  # up to its own `left`, which the player sees too
             player.games.pop(game_id, None)
             self._mark_applied(act, seq)
             return result

@@ -22,7 +22,15 @@ from websockets.asyncio.server import serve
 
 from server.admin import admin_routes
 from server.config import ClusterConfig, run_marker
-from server.errors import ActorMoved, Overloaded, RingsideError, Unavailable, error_reply, ok_reply
+from server.errors import (
+    ActorMoved,
+    BadRequest,
+    Overloaded,
+    RingsideError,
+    Unavailable,
+    error_reply,
+    ok_reply,
+)
 from server.game import GameState
 from server.gcpolicy import GcPolicy
 from server.hotmetrics import LabelledCounts
@@ -390,6 +398,8 @@ class Node:
         op = request.op
         try:
             if op == "ping":
+                if request.args:
+                    raise BadRequest("ping takes no args")
                 result: Any = PING_RESULT
             elif op in MUTATING_OPS and seq <= player.applied_seq:
                 result = player.view()  # a replayed request this actor already applied

@@ -23,13 +23,13 @@ _UPDATE_FIELDS = frozenset(("set", "incr"))
 
 def _check_int(field: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or abs(value) > MAX_INT:
-        raise BadRequest(f"{field} must be an integer")
+        raise BadRequest(f"{field} must be an integer from -2**53 to 2**53")
     return value
 
 
 def _check_number(field: str, value: Any) -> float | int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > MAX_INT:
-        raise BadRequest(f"{field} must be a number")
+        raise BadRequest(f"{field} must be a number from -2**53 to 2**53")
     return value
 
 
@@ -86,6 +86,8 @@ class PlayerState:
     def handle(self, op: str, args: dict[str, Any], limits: NodeSettings, *, seq: int) -> tuple[Any, bool]:
         """Run request `seq`; return (result, mutated). Raises a RingsideError, changing nothing."""
         if op == "player.get":
+            if args:
+                raise BadRequest("player.get takes no args")
             return self.view(), False
         if op == "player.update":
             self._update(args, limits)
@@ -130,7 +132,7 @@ class PlayerState:
             for v in value:  # set 10 times a second by every player: no call per coordinate
                 kind = type(v)
                 if (kind is not float and kind is not int) or not -MAX_INT <= v <= MAX_INT:
-                    raise BadRequest("position must be a number")
+                    raise BadRequest("position must be three numbers from -2**53 to 2**53")
             return value
         if field == "inventory":
             if not isinstance(value, list) or len(value) > limits.max_inventory:
@@ -164,16 +166,22 @@ def parse_request(payload: bytes) -> Request:
     if not isinstance(data, dict):
         raise BadRequest("a request is a JSON object")
     request_id = data.get("id")
-    if request_id is not None and (
-        isinstance(request_id, bool)
+    if (
+        request_id is None
+        or isinstance(request_id, bool)
         or not isinstance(request_id, (int, str))
         or (isinstance(request_id, str) and len(request_id) > 64)
     ):
-        raise BadRequest("id must be an integer or a string of at most 64")
+        # Its reply could not be told from that of a frame with no readable id (id null).
+        raise BadRequest("id is required: an integer or a string of at most 64")
     op = data.get("op")
     args = data.get("args", {})
     if not isinstance(op, str):
         raise BadRequest("op must be a string", request_id=request_id)
+    if op == "hello":
+        raise BadRequest(
+            "this session is welcomed already: hello is its first frame only", request_id=request_id
+        )
     if not isinstance(args, dict):
         raise BadRequest("args must be an object", request_id=request_id)
     if not _REQUEST_FIELDS.issuperset(data):

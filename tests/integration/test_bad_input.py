@@ -66,6 +66,9 @@ def test_request_errors_keep_the_session(cluster):
                 ("player.update", {"set": {"inventory": ["x"] * 1000}}, "bad_request"),
                 ("player.update", {"nonsense": 1}, "bad_request"),
                 ("player.update", {}, "bad_request"),
+                ("ping", {"x": 1}, "bad_request"),
+                ("player.get", {"x": 1}, "bad_request"),
+                ("hello", {}, "bad_request"),  # a second hello, after the welcome
             ]
             for op, args, code in bad:
                 reply = await c.call(op, args)

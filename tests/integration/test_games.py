@@ -248,6 +248,10 @@ def test_a_leave_that_timed_out_does_not_hold_a_game_slot(make_cluster):
         await stall
         await await_until_async(games, lambda g: g == [game], timeout=10)
         await client.request("game.action", {"game": game, "action": {"type": "score", "points": 1}})
+        left = (await client.request("game.leave", {"game": game}))["seq"]
+        seen: list[dict] = []
+        drain_events(client, seen)
+        assert seen[-1]["data"] == {"game": game, "seq": left, "from": "leaver", "action": {"type": "left"}}
         await client.close()
 
         # The stale entry as a lost push would leave it: in the state the actor loads.

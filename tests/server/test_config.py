@@ -80,3 +80,13 @@ def test_typos_and_negative_values_are_refused_by_name(tmp_path, text, env, says
     with pytest.raises(ConfigError) as err:
         load_config(config, env=env)
     assert says in str(err.value)
+
+
+def test_config_is_taken_before_or_after_the_command():
+    from server.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["--config", "a.toml", "token", "p"]).config == "a.toml"
+    assert parser.parse_args(["token", "p", "--config", "b.toml"]).config == "b.toml"
+    assert parser.parse_args(["status", "--config", "c.toml", "--json"]).config == "c.toml"
+    assert parser.parse_args(["token", "p"]).config == parser.get_default("config")

@@ -49,6 +49,27 @@ def test_parse_errors_carry_the_id_when_known():
         parse_request(b"{")
 
 
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (b'{"op": "ping"}', "id is required"),  # a reply with id null would be ambiguous
+        (b'{"id": null, "op": "ping"}', "id is required"),
+        (b'{"id": 2, "op": "hello", "token": "t"}', "first frame only"),  # not "unknown fields"
+    ],
+)
+def test_requests_the_protocol_does_not_allow_say_why(frame, message):
+    with pytest.raises(BadRequest) as err:
+        parse_request(frame)
+    assert message in err.value.message
+
+
+def test_player_get_takes_no_args_and_out_of_range_integers_say_their_range():
+    with pytest.raises(BadRequest, match="takes no args"):
+        PlayerState("p").handle("player.get", {"x": 1}, LIMITS, seq=1)
+    with pytest.raises(BadRequest, match=r"from -2\*\*53 to 2\*\*53"):
+        PlayerState("p").handle("player.update", {"incr": {"xp": 2**63 - 1}}, LIMITS, seq=1)
+
+
 def test_update_validates_and_applies():
     player = PlayerState("p")
     result, mutated = player.handle(
