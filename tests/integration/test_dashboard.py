@@ -5,9 +5,11 @@ reason, where the `playwright` module or a Chromium cannot be had. Screenshots g
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from gateway.client import RingsideClient
 from tests.integration.conftest import Cluster, wait_until
 
 SCREENS = Path(__file__).resolve().parents[2] / ".run" / "screens"
@@ -62,6 +65,14 @@ def member_state(page: Any, name: str) -> str | None:
     return None if row is None else row.get_attribute("data-state")
 
 
+async def update_while_redis_stalls(cluster: Cluster, player: str, seconds: float) -> None:
+    async with await RingsideClient.connect(cluster.url, cluster.token(player)) as client:
+        stall = asyncio.create_task(asyncio.to_thread(cluster.local.pause, "redis", seconds))
+        await asyncio.sleep(0.2)
+        await client.request("player.update", {"incr": {"xp": 1}})  # answered from memory
+        await stall
+
+
 def test_dashboard_shows_members_failure_and_drains_a_node(browser: Any, cluster: Cluster) -> None:
     SCREENS.mkdir(parents=True, exist_ok=True)
     base = cluster.local.admin_url("gateway")
@@ -75,6 +86,19 @@ def test_dashboard_shows_members_failure_and_drains_a_node(browser: Any, cluster
         assert "token" not in page.url  # taken out of the address bar at once
         assert page.text_content("#conn") == "live"
         page.screenshot(path=str(SCREENS / "dashboard-alive.png"))
+
+        # Redis stalls under a write: the writing node shows as degraded, then recovers.
+        writer = threading.Thread(  # a thread of its own: Playwright's sync API holds this one's loop
+            target=asyncio.run, args=(update_while_redis_stalls(cluster, "dash-degraded", 5.0),)
+        )
+        writer.start()
+        page.wait_for_selector("tr[data-role=node][data-degraded=true]", timeout=6_000)
+        assert "Redis writes failing" in (page.text_content("#members") or "")
+        page.screenshot(path=str(SCREENS / "dashboard-degraded.png"))
+        writer.join(15)
+        page.wait_for_function(
+            "document.querySelectorAll('tr[data-degraded=true]').length === 0", timeout=10_000
+        )
 
         killed_at = time.monotonic()
         cluster.local.kill("n3")
