@@ -963,7 +963,7 @@ class Gateway:
             websocket_path="/ws",
             extra_websocket_paths=(FEED_PATH,),
             pages=dashboard.page,
-            actions={"gc": lambda: self.gc.reclaim(census=True)},
+            actions={"gc": lambda query: self.gc.reclaim(census=True)},
             admin_token=self.config.admin_token,
             loopback_only=not self.settings.admin_from_anywhere,
         )

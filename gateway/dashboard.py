@@ -326,7 +326,10 @@ class Dashboard:
             return False, f"{node} is not a known node"
         status, body = await http_get(*address, "/admin/drain", token=self.token, timeout=5.0)
         if status != 200:
-            return False, f"{node} answered drain with HTTP {status or 'nothing'}"
+            reason = ""
+            with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+                reason = f": {orjson.loads(body).get('error', '')}"
+            return False, f"{node} answered drain with HTTP {status or 'nothing'}{reason}"
         try:
             before = orjson.loads(body)
         except orjson.JSONDecodeError:

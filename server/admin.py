@@ -13,6 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import parse_qs
 
 import orjson
 from prometheus_client import CollectorRegistry, generate_latest
@@ -22,7 +23,13 @@ from websockets.http11 import Request, Response
 log = logging.getLogger("ringside.admin")
 
 StatusFn = Callable[[], dict[str, Any]]
-ActionFn = Callable[[], dict[str, Any]]
+ActionFn = Callable[[Mapping[str, str]], dict[str, Any]]  # the query's parameters -> the answer
+
+
+class AdminRefused(Exception):
+    """An admin action that would do harm as asked: 409 with the reason."""
+
+
 HealthFn = Callable[[], tuple[bool, str]]
 PageFn = Callable[[ServerConnection, Request], Response | None]
 
@@ -69,7 +76,7 @@ def admin_routes(
 ) -> Callable[[ServerConnection, Request], Awaitable[Response | None]]:
     """A `process_request` hook: answers the admin paths, lets `websocket_path` through.
 
-    `/admin/<action>` runs `actions[action]()` when the request carries
+    `/admin/<action>` runs `actions[action](query)` when the request carries
     `Authorization: Bearer <admin_token>`; every attempt is logged with its peer.
     `extra_websocket_paths` also go through to the WebSocket handler (which must tell
     them apart by `connection.request.path`); `pages(conn, request)` may answer any
@@ -96,8 +103,12 @@ def admin_routes(
             action = actions.get(name)
             if action is None:
                 return json_response(conn, HTTPStatus.NOT_FOUND, {"error": f"no admin action {name}"})
-            log.info("admin action", extra={"action": name, "peer": peer})
-            return json_response(conn, HTTPStatus.OK, action())
+            query = {k: v[-1] for k, v in parse_qs(request.path.partition("?")[2]).items()}
+            log.info("admin action", extra={"action": name, "peer": peer, "query": query})
+            try:
+                return json_response(conn, HTTPStatus.OK, action(query))
+            except AdminRefused as exc:
+                return json_response(conn, HTTPStatus.CONFLICT, {"error": str(exc)})
         if path == "/healthz":
             ok, detail = health()
             code = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE

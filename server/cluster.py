@@ -7,6 +7,7 @@ Every process is started detached (its own session), with its pid in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -292,9 +293,9 @@ class LocalCluster:
             self.progress(f"nothing was running (run dir {self.run_dir})")
 
     # -- operations -------------------------------------------------------
-    def admin(self, name: str, action: str, timeout: float = 5.0) -> dict[str, Any]:
+    def admin(self, name: str, action: str, timeout: float = 5.0, query: str = "") -> dict[str, Any]:
         request = urllib.request.Request(
-            self.admin_url(name) + f"/admin/{action}",
+            self.admin_url(name) + f"/admin/{action}" + (f"?{query}" if query else ""),
             headers={"Authorization": f"Bearer {self.config.admin_token}"},
         )
         try:
@@ -302,7 +303,10 @@ class LocalCluster:
                 result: dict[str, Any] = orjson.loads(resp.read())
                 return result
         except urllib.error.HTTPError as err:
-            raise ClusterError(f"{name} refused {action}: HTTP {err.code}") from err
+            reason = ""
+            with contextlib.suppress(ValueError, OSError):
+                reason = ": " + str(orjson.loads(err.read()).get("error", ""))
+            raise ClusterError(f"{name} refused {action}: HTTP {err.code}{reason}") from err
         except OSError as err:
             raise ClusterError(f"{name} did not answer {action}: {err}") from err
 
@@ -319,7 +323,7 @@ class LocalCluster:
                 f"one starts); `ringside drain --force {name}` does it anyway"
             )
         started = time.monotonic()
-        before = self.admin(name, "drain")
+        before = self.admin(name, "drain", query="force=1" if force else "")
         self.progress(
             f"  {name} draining: {before.get('actors', 0)} actors, {before.get('sessions', 0)} sessions"
         )

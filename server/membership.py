@@ -80,6 +80,16 @@ class Membership:
         link = member.meta.get("link") if member is not None else None
         return (str(link[0]), int(link[1])) if link else None
 
+    def announce_draining(self) -> None:
+        """Tell peers (in our meta, with the next gossip) that we drain, before we leave."""
+        swim = self.endpoint.swim
+        swim.set_meta({**swim.members[self.name].meta, "draining": 1})
+
+    def serving_nodes(self) -> list[str]:
+        """Live nodes that have not announced a drain."""
+        swim = self.endpoint.swim
+        return [n for n in self.live_nodes() if not swim.members[n].meta.get("draining")]
+
     def live_nodes(self) -> list[str]:
         return [m.name for m in self.endpoint.swim.live_members() if m.meta.get("role") == "node"]
 
@@ -115,6 +125,7 @@ class Membership:
             "checksum": swim.checksum(),
             "local_health": swim.local_health,
             "members": {m.name: m.state.value for m in swim.members.values()},
+            "draining": sorted(m.name for m in swim.members.values() if m.meta.get("draining")),
             "ring": {n: round(s, 4) for n, s in self.ring.share().items()},
             "gossip_dropped": self.endpoint.dropped,
             "self_faulty": self.self_faulty_total,

@@ -20,7 +20,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from websockets.asyncio.server import serve
 
-from server.admin import admin_routes
+from server.admin import AdminRefused, admin_routes
 from server.config import ClusterConfig, run_marker
 from server.errors import (
     ActorMoved,
@@ -561,9 +561,16 @@ class Node:
         )
         return handed + migrated
 
-    def _admin_drain(self) -> dict[str, Any]:
+    def _admin_drain(self, *, force: bool = False) -> dict[str, Any]:
+        others = [n for n in self.membership.serving_nodes() if n != self.name]
+        if self.draining_since is None and not force and not others:
+            raise AdminRefused(
+                f"{self.name} is the last node serving (others are down or draining): drained, "
+                "no node would serve and clients wait until one starts; ?force=1 drains it anyway"
+            )
         if self.draining_since is None:
             self.draining_since = time.monotonic()
+            self.membership.announce_draining()
             self._spawn(self._drain())
         return self.status()
 
@@ -706,7 +713,10 @@ class Node:
             status=self.status,
             health=self.health,
             registry=self.metrics.registry,
-            actions={"drain": self._admin_drain, "gc": lambda: self.gc.reclaim(census=True)},
+            actions={
+                "drain": lambda query: self._admin_drain(force=query.get("force") in ("1", "true", "yes")),
+                "gc": lambda query: self.gc.reclaim(census=True),
+            },
             admin_token=self.config.admin_token,
         )
         admin = await serve(_no_websocket, self.address.host, self.address.admin_port, process_request=routes)

@@ -247,3 +247,18 @@ def test_the_last_node_is_drained_only_with_force(make_cluster):
     assert local.pid("n1") == pid  # untouched
     local.drain("n1", force=True)
     assert local.pid("n1") is None and local.drained_file("n1").exists()
+
+
+def test_a_node_refuses_to_drain_while_the_only_other_one_drains(make_cluster):
+    """Two drains at once on a two-node cluster, the second straight at the node (as the
+    dashboard or a second operator would): the node itself refuses to leave no node serving."""
+    cluster = make_cluster(nodes=2)
+    local = cluster.local
+    local.admin("n1", "drain")
+    # Announced in n1's gossip meta at once (it stays on its leaving/left record too).
+    wait_until(lambda: "n1" in cluster.node_status("n2")["membership"]["draining"], 5, "n2 hears n1 drains")
+    with pytest.raises(ClusterError, match="409.*last node serving"):
+        local.admin("n2", "drain")
+    assert cluster.node_status("n2")["state"] != "draining"
+    wait_until(lambda: local.pid("n1") is None, 20, "n1 finishes its drain")
+    local.drain("n2", force=True)  # forced, it goes

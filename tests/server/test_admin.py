@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from server.admin import admin_routes
+from server.admin import AdminRefused, admin_routes
 
 
 class FakeConn:
@@ -23,13 +23,19 @@ class FakeConn:
         return Response(status, "", headers, text.encode())
 
 
+def drain(query):
+    if query.get("force") != "1":
+        raise AdminRefused("the last node serving")
+    return {"draining": True}
+
+
 def routes(**kw):
     return admin_routes(
         status=lambda: {"ok": 1},
         health=lambda: (True, "ok"),
         registry=CollectorRegistry(),
         websocket_path="/ws",
-        actions={"drain": lambda: {"draining": True}},
+        actions={"drain": drain},
         admin_token="t0ken",
         **kw,
     )
@@ -45,12 +51,13 @@ def request(path: str, token: str | None = None) -> Request:
 @pytest.mark.parametrize(
     "peer, path, token, status",
     [
-        ("127.0.0.1", "/admin/drain", "t0ken", 200),
+        ("127.0.0.1", "/admin/drain?force=1", "t0ken", 200),
+        ("127.0.0.1", "/admin/drain", "t0ken", 409),  # the action refused, with its reason
         ("127.0.0.1", "/admin/drain", "wrong", 401),
         ("127.0.0.1", "/admin/drain", None, 401),
         ("127.0.0.1", "/status", None, 200),
         ("203.0.113.9", "/status", None, 403),
-        ("203.0.113.9", "/admin/drain", "t0ken", 403),
+        ("203.0.113.9", "/admin/drain?force=1", "t0ken", 403),
         ("203.0.113.9", "/healthz", None, 200),
         ("::1", "/metrics", None, 200),
     ],
