@@ -496,9 +496,21 @@ class Gateway:
                     ),
                     *address,
                 )
-            except OSError:
+            except OSError as exc:
                 attempt += 1
-                await asyncio.sleep(random.uniform(0, min(cap, base * 2**attempt)))
+                if attempt in (1, 10) or attempt % 100 == 0:  # a node down for a drill: not a flood
+                    log.warning(
+                        "link to a node failed; retrying",
+                        extra={
+                            "node": name,
+                            "address": f"{address[0]}:{address[1]}",
+                            "attempt": attempt,
+                            "error": str(exc),
+                        },
+                    )
+                # The exponent stops at 30: 2**1024 is past a float, and the OverflowError
+                # would end this task, and with it the gateway's link to the node, for good.
+                await asyncio.sleep(random.uniform(0, min(cap, base * 2 ** min(attempt, 30))))
                 continue
             attempt = 0
             self.links[name] = link
@@ -966,12 +978,13 @@ class Gateway:
             actions={"gc": lambda query: self.gc.reclaim(census=True)},
             admin_token=self.config.admin_token,
             loopback_only=not self.settings.admin_from_anywhere,
+            admin_networks=self.settings.admin_network_list(),
         )
         allowed = [o.strip() for o in self.settings.allowed_origins.split(",") if o.strip()]
         origins: list[Origin | None] | None = [Origin(o) for o in allowed] or None
         server = await serve(
             dashboard.route(self.handle),
-            self.settings.host,
+            self.settings.listen_host or self.settings.host,
             self.settings.port,
             create_connection=GatewayConnection,
             process_request=routes,
@@ -980,7 +993,8 @@ class Gateway:
             close_timeout=self.settings.close_timeout_s,
             origins=origins,
         )
-        log.info("gateway started", extra={"url": f"ws://{self.settings.host}:{self.settings.port}/ws"})
+        listening = self.settings.listen_host or self.settings.host
+        log.info("gateway started", extra={"url": f"ws://{listening}:{self.settings.port}/ws"})
         self.gc.start()
         self._tasks.append(loop.create_task(self.gc.run()))
         await self._stopping.wait()

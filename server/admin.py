@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs
@@ -54,12 +54,16 @@ def json_response(conn: ServerConnection, status: int, data: Any) -> Response:
     return _respond(conn, status, orjson.dumps(data, option=orjson.OPT_INDENT_2), "application/json")
 
 
-def _is_loopback(conn: ServerConnection) -> bool:
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _is_allowed(conn: ServerConnection, networks: Sequence[Network]) -> bool:
     peer = conn.remote_address[0] if conn.remote_address else ""
     try:
-        return ipaddress.ip_address(peer).is_loopback
+        address = ipaddress.ip_address(peer)
     except ValueError:
         return False
+    return address.is_loopback or any(address in network for network in networks)
 
 
 def admin_routes(
@@ -73,6 +77,7 @@ def admin_routes(
     actions: Mapping[str, ActionFn] | None = None,
     admin_token: str = "",
     loopback_only: bool = False,
+    admin_networks: Sequence[Network] = (),
 ) -> Callable[[ServerConnection, Request], Awaitable[Response | None]]:
     """A `process_request` hook: answers the admin paths, lets `websocket_path` through.
 
@@ -81,7 +86,8 @@ def admin_routes(
     `extra_websocket_paths` also go through to the WebSocket handler (which must tell
     them apart by `connection.request.path`); `pages(conn, request)` may answer any
     other path (the gateway's dashboard) before the 404. With `loopback_only`, every path
-    but `websocket_path` and `/healthz` answers 403 to peers outside 127.0.0.0/8 and ::1.
+    but `websocket_path` and `/healthz` answers 403 to peers outside 127.0.0.0/8, ::1 and
+    `admin_networks`.
     """
     actions = actions or {}
 
@@ -89,8 +95,12 @@ def admin_routes(
         path = request.path.split("?", 1)[0]
         if websocket_path is not None and path == websocket_path:
             return None
-        if loopback_only and path != "/healthz" and not _is_loopback(conn):
-            return json_response(conn, HTTPStatus.FORBIDDEN, {"error": "admin paths answer loopback only"})
+        if loopback_only and path != "/healthz" and not _is_allowed(conn, admin_networks):
+            return json_response(
+                conn,
+                HTTPStatus.FORBIDDEN,
+                {"error": "admin paths answer loopback and [gateway] admin_networks only"},
+            )
         if path in extra_websocket_paths:
             return None
         if path.startswith("/admin/"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -100,8 +101,13 @@ class GatewaySettings:
     rate_limit_per_s: float = 100.0  # client frames a second per session, sustained
     rate_limit_burst: float = 200.0  # frames a session may send at once; past the limit: close 4006
     allowed_origins: str = ""  # comma-separated Origin allow-list for browsers; empty: any
-    # The dashboard, /status, /metrics and /admin share the client port: by default they
-    # answer loopback peers only (put a proxy or Prometheus beside the gateway), /healthz anyone.
+    # Where the client port listens: empty, `host`; "0.0.0.0" or "::", every interface.
+    # `host` itself is the address the nodes dial (gossip), so it must be a routable one.
+    listen_host: str = ""
+    # The dashboard, /status, /metrics and /admin share the client port: they answer peers on
+    # loopback and in `admin_networks` (comma-separated CIDRs, e.g. your monitoring subnet);
+    # /healthz anyone. admin_from_anywhere: every peer (behind a proxy that filters).
+    admin_networks: str = ""
     admin_from_anywhere: bool = False
     max_replay: int = 1024  # requests kept per session until the node reports them durable
     max_outbound: int = 256  # frames queued per client before it is closed as too slow (4004)
@@ -114,6 +120,12 @@ class GatewaySettings:
     link_retry_cap_ms: int = 1_000
     token_ttl_s: int = 86_400  # default lifetime of tokens minted by `ringside token`
     leave_timeout_s: float = 0.8  # on stop: gossip `leaving`, then `left` (swim.leave_linger 0.3 s)
+
+    def admin_network_list(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        try:
+            return [ipaddress.ip_network(n.strip()) for n in self.admin_networks.split(",") if n.strip()]
+        except ValueError as exc:
+            raise ConfigError(f"[gateway] admin_networks: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +247,19 @@ def _coerce(value: str, like: Any, name: str) -> Any:
     return value
 
 
+def _check_dialable(what: str, host: str) -> None:
+    try:
+        unspecified = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        unspecified = not host  # a host name: fine
+    if unspecified:
+        raise ConfigError(
+            f"{what} {host!r}: other members dial this address (gossip, node links), so it must be "
+            "this host's routable address; to take clients on every interface, set "
+            '[gateway] listen_host = "0.0.0.0" beside it'
+        )
+
+
 def _section(cls: type, table: Mapping[str, Any], env: Mapping[str, str], prefix: str) -> Any:
     defaults = cls()
     known = {f.name for f in dataclasses.fields(cls)}
@@ -325,6 +350,11 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         gc=_section(GcSettings, data.get("gc", {}), env, "GC"),
         nodes=nodes,
     )
+    for what, host in [(f"[[nodes]] {n.name} host", n.host) for n in nodes] + [
+        ("[gateway] host", config.gateway.host)
+    ]:
+        _check_dialable(what, host)
+    config.gateway.admin_network_list()  # fail at load time on a bad network
     if config.gc.reclaim_interval_s < 0:
         raise ConfigError("[gc] reclaim_interval_s must be 0 (never) or more")
     config.gossip_key  # noqa: B018 - fail at load time on bad keys, not in a gossip thread

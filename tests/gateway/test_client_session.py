@@ -8,6 +8,8 @@ stub stands in for a websockets connection: frames to read, sends recorded, noth
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import types
 
 from websockets.asyncio.client import connect
@@ -302,3 +304,28 @@ def test_a_take_over_keeps_every_reply_in_flight_until_its_backlog_has_drained()
         old_reader.cancel()
 
     asyncio.run(main())
+
+
+def test_a_link_that_keeps_failing_keeps_retrying_and_says_so(caplog):
+    """Past 1,024 refused connections the backoff's 2**attempt was past a float: the
+    OverflowError ended the link's task, and the gateway never linked to that node again."""
+
+    async def main():
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            port = closed.getsockname()[1]  # nothing listens once this socket is closed
+        settings = GatewaySettings(link_retry_base_ms=0, link_retry_cap_ms=0)
+        gateway = Gateway(ClusterConfig(gateway=settings))
+        gateway.membership = types.SimpleNamespace(link_address=lambda name: ("127.0.0.1", port))  # type: ignore[assignment]
+        task = asyncio.get_running_loop().create_task(gateway._maintain_link("n1"))
+
+        def attempts() -> int:
+            return max((getattr(r, "attempt", 0) for r in caplog.records), default=0)
+
+        await until(lambda: attempts() >= 1200 or task.done(), "1,200 attempts", timeout=30)
+        assert not task.done(), task.exception()
+        task.cancel()
+        assert "link to a node failed" in caplog.text
+
+    with caplog.at_level(logging.WARNING, logger="ringside.gateway"):
+        asyncio.run(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -65,6 +66,13 @@ def request(path: str, token: str | None = None) -> Request:
 def test_loopback_only_admin(peer, path, token, status):
     response = asyncio.run(routes(loopback_only=True)(FakeConn(peer), request(path, token)))
     assert response.status_code == status
+
+
+@pytest.mark.parametrize("peer, status", [("10.0.9.7", 200), ("10.0.8.7", 403), ("127.0.0.1", 200)])
+def test_admin_networks_admit_their_peers(peer, status):
+    networks = [ipaddress.ip_network("10.0.9.0/24")]
+    handler = routes(loopback_only=True, admin_networks=networks)
+    assert asyncio.run(handler(FakeConn(peer), request("/metrics"))).status_code == status
 
 
 def test_websocket_path_passes_from_anywhere():

@@ -90,3 +90,29 @@ def test_config_is_taken_before_or_after_the_command():
     assert parser.parse_args(["token", "p", "--config", "b.toml"]).config == "b.toml"
     assert parser.parse_args(["status", "--config", "c.toml", "--json"]).config == "c.toml"
     assert parser.parse_args(["token", "p"]).config == parser.get_default("config")
+
+
+@pytest.mark.parametrize(
+    "toml",
+    [
+        '[[nodes]]\nname = "n1"\nhost = "0.0.0.0"',
+        '[[nodes]]\nname = "n1"\nhost = "::"',
+        '[gateway]\nhost = "0.0.0.0"',
+    ],
+)
+def test_a_wildcard_host_is_refused_with_what_to_do(tmp_path, toml):
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match="routable address.*listen_host"):
+        load_config(str(path), env={})
+
+
+def test_the_gateway_listens_on_every_interface_and_admits_a_monitoring_network(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[gateway]\nhost = "10.0.0.20"\nlisten_host = "0.0.0.0"\nadmin_networks = "10.0.9.0/24"')
+    gateway = load_config(str(path), env={}).gateway
+    assert gateway.listen_host == "0.0.0.0"
+    assert [str(n) for n in gateway.admin_network_list()] == ["10.0.9.0/24"]
+    path.write_text('[gateway]\nadmin_networks = "10.0.9.0/33"')
+    with pytest.raises(ConfigError, match="admin_networks"):
+        load_config(str(path), env={})
