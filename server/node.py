@@ -645,9 +645,16 @@ class Node:
         )
         # Tells `ringside status` this node was drained on purpose, not lost; the local
         # cluster removes it when the node starts again.
-        with contextlib.suppress(OSError):
-            run_marker(self.config.run_dir, self.name, "drained").touch()
+        self._write_marker("drained")
         self._stopping.set()
+
+    def _write_marker(self, kind: str, text: str = "") -> None:
+        path = run_marker(self.config.run_dir, self.name, kind)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        except OSError as exc:
+            log.warning("could not write the run marker", extra={"path": str(path), "error": str(exc)})
 
     async def _stall_watchdog(self) -> None:
         """SWIM may tell a resumed node only of a suspicion it then refutes, never that it
@@ -746,15 +753,16 @@ class Node:
         left = await self.membership.leave(self.config.node.leave_timeout_s)
         log.info(
             "node stopped",
-            extra={"flushed": flushed, "left_dirty": len(self.wb), "leave_gossiped": left},
+            # Peers drop us from the ring on `leaving`, at once; `left` takes ~2 s to spread
+            # fully (every retransmission), which a stop does not wait for: false is normal.
+            extra={"flushed": flushed, "left_dirty": len(self.wb), "left_fully_gossiped": left},
         )
         if not flushed:
             log.error(
                 "stopped with acknowledged changes NOT written to Redis (unreachable); they are lost",
                 extra={"actors": len(self.wb)},
             )
-            with contextlib.suppress(OSError):  # `ringside down` reports it
-                run_marker(self.config.run_dir, self.name, "unflushed").write_text(f"{len(self.wb)}\n")
+            self._write_marker("unflushed", f"{len(self.wb)}\n")  # `ringside down` reports it
         admin.close()
         await self.store.close()
         self.gc.close()
