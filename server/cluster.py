@@ -310,13 +310,23 @@ class LocalCluster:
         except OSError as err:
             raise ClusterError(f"{name} did not answer {action}: {err}") from err
 
+    def _reachable(self, name: str) -> bool:
+        """`name` answers on its admin address: running, maybe on another host."""
+        code, _ = http_json(self.admin_url(name) + "/healthz", timeout=0.5)
+        return code != 0
+
+    def _running(self, name: str) -> bool:
+        return self.pid(name) is not None or self._reachable(name)
+
     def drain(self, name: str, *, force: bool = False) -> float:
         """Drain `name` and wait for its process to exit; returns the seconds it took. The
-        last running node is drained only with `force`: no node would be left to serve."""
+        last running node is drained only with `force`: no node would be left to serve. A
+        node that runs on another host (no pid file here) is drained over its admin address
+        and waited for until it stops answering."""
         pid = self.pid(name)
-        if pid is None:
+        if pid is None and not self._reachable(name):
             raise ClusterError(f"{name} is not running")
-        others = [n for n in self.config.all_node_names if n != name and self.pid(n) is not None]
+        others = [n for n in self.config.all_node_names if n != name and self._running(n)]
         if not others and not force:
             raise ClusterError(
                 f"{name} is the last running node: drained, no node would serve (clients wait until "
@@ -329,7 +339,7 @@ class LocalCluster:
         )
         timeout = self.config.node.drain_timeout_s + 15
         last = 0.0
-        while pid_alive(pid):
+        while pid_alive(pid) if pid is not None else self._reachable(name):
             now = time.monotonic()
             if now - started > timeout:
                 raise ClusterError(f"{name} still running {timeout:.0f}s after drain; see its log")
@@ -341,7 +351,7 @@ class LocalCluster:
                         f"  {name} draining: {status['actors']} actors, {status['sessions']} sessions "
                         f"left, {now - started:.1f}s"
                     )
-            time.sleep(0.02)
+            time.sleep(0.02 if pid is not None else 0.2)
         self.pid_file(name).unlink(missing_ok=True)
         elapsed = time.monotonic() - started
         self.progress(
@@ -478,12 +488,15 @@ class LocalCluster:
             row: dict[str, Any] = {"name": name, "pid": pid, "running": pid is not None}
             if name == "redis":
                 row["healthy"] = pid is not None and self._redis_ready()
-            elif pid is not None:
+            elif pid is not None or (elsewhere := self._reachable(name)):
                 code, health = http_json(self.admin_url(name) + "/healthz")
                 _, status = http_json(self.admin_url(name) + "/status")
                 row["healthy"] = code == 200
                 row["detail"] = (health or {}).get("detail", "no answer")
-                row["status"] = status or {}
+                row["status"] = status if isinstance(status, dict) and "error" not in status else {}
+                if pid is None and elsewhere:  # another host's, or started by hand
+                    row["running"] = row["elsewhere"] = True
+                    row["detail"] += " (not started from here)"
             else:
                 row["healthy"] = False
                 row["drained"] = self.drained_file(name).exists()

@@ -262,3 +262,21 @@ def test_a_node_refuses_to_drain_while_the_only_other_one_drains(make_cluster):
     assert cluster.node_status("n2")["state"] != "draining"
     wait_until(lambda: local.pid("n1") is None, 20, "n1 finishes its drain")
     local.drain("n2", force=True)  # forced, it goes
+
+
+def test_status_and_drain_reach_a_node_started_elsewhere(make_cluster):
+    """Another host's node has no pid file here: `status` finds it on its admin address
+    (it said `down`), and `drain` drains it there and waits until it stops answering (it said
+    `not running`)."""
+    cluster = make_cluster()
+    local = cluster.local
+    pid = local.pid("n2")
+    local.pid_file("n2").unlink()  # as on the host that did not start it
+    rows = {row["name"]: row for row in local.status()}
+    assert rows["n2"]["running"] and rows["n2"]["healthy"] and rows["n2"]["elsewhere"]
+    assert "not started from here" in rows["n2"]["detail"]
+    assert rows["n2"]["status"]["membership"]["members"]["n2"] == "alive"
+    local.drain("n2")
+    assert not pid_alive(pid)
+    rows = {row["name"]: row for row in local.status()}
+    assert not rows["n2"]["running"]
