@@ -123,6 +123,8 @@ class PlayerState:
         if field == "name":
             if not isinstance(value, str) or len(value) > limits.max_name_len:
                 raise BadRequest(f"name must be a string of at most {limits.max_name_len}")
+            if not value.isprintable():  # control, bidi-override and NUL characters: other players see it
+                raise BadRequest("name must be printable: no control or format characters")
             return value
         if field == "level":
             return _check_int("level", value)

@@ -63,6 +63,13 @@ def test_requests_the_protocol_does_not_allow_say_why(frame, message):
     assert message in err.value.message
 
 
+@pytest.mark.parametrize("name", ["a\x00b", "evil\u202egnp.exe", "line\nbreak"])
+def test_a_name_other_players_would_see_garbled_is_refused(name):
+    with pytest.raises(BadRequest, match="printable"):
+        PlayerState("p").handle("player.update", {"set": {"name": name}}, LIMITS, seq=1)
+    PlayerState("p").handle("player.update", {"set": {"name": "Zoë 李 🙂"}}, LIMITS, seq=1)
+
+
 def test_player_get_takes_no_args_and_out_of_range_integers_say_their_range():
     with pytest.raises(BadRequest, match="takes no args"):
         PlayerState("p").handle("player.get", {"x": 1}, LIMITS, seq=1)
