@@ -909,6 +909,8 @@ class Gateway:
         """The client's socket is gone. Requests it was told "ok" for may not be durable
         yet: keep the session (and its replay buffer) until they are, then release it."""
         core = cs.core
+        if cs.closing is not None:
+            cs.closing[2].cancel()  # the socket is gone: no close to send
         if self.sessions.get(core.id) is not cs:
             return  # taken over by a newer socket, or released already
         if cs.detached_at is None:

@@ -311,9 +311,31 @@ class LocalCluster:
             raise ClusterError(f"{name} did not answer {action}: {err}") from err
 
     def _reachable(self, name: str) -> bool:
-        """`name` answers on its admin address: running, maybe on another host."""
-        code, _ = http_json(self.admin_url(name) + "/healthz", timeout=0.5)
-        return code != 0
+        """`name` itself answers on its admin address: running, maybe on another host (not
+        whatever else holds that port: a node's /status names it)."""
+        if name == "gateway":
+            code, body = http_json(self.admin_url(name) + "/healthz", timeout=0.5)
+            return code != 0 and isinstance(body, dict) and "ok" in body
+        return self._node_started_at(name) is not None
+
+    def _node_started_at(self, name: str) -> float | None:
+        """When the node answering as `name` started (None: none answers as `name`)."""
+        code, status = http_json(self.admin_url(name) + "/status", timeout=0.5)
+        if code != 200 or not isinstance(status, dict) or status.get("name") != name:
+            return None
+        return time.time() - float(status.get("uptime_s", 0))
+
+    def _still_draining(self, name: str, started_at: float | None, misses: int = 3) -> bool:
+        """A node on another host: gone once it fails `misses` probes in a row (one is a
+        blip, or a loop busy migrating), or answers as a new process (restarted by a
+        process manager)."""
+        for attempt in range(misses):
+            now_started = self._node_started_at(name)
+            if now_started is not None:
+                return started_at is None or abs(now_started - started_at) < 1.0
+            if attempt < misses - 1:
+                time.sleep(0.2)
+        return False
 
     def _running(self, name: str) -> bool:
         return self.pid(name) is not None or self._reachable(name)
@@ -324,7 +346,8 @@ class LocalCluster:
         node that runs on another host (no pid file here) is drained over its admin address
         and waited for until it stops answering."""
         pid = self.pid(name)
-        if pid is None and not self._reachable(name):
+        started_at = None if pid is not None else self._node_started_at(name)
+        if pid is None and started_at is None:
             raise ClusterError(f"{name} is not running")
         others = [n for n in self.config.all_node_names if n != name and self._running(n)]
         if not others and not force:
@@ -339,7 +362,7 @@ class LocalCluster:
         )
         timeout = self.config.node.drain_timeout_s + 15
         last = 0.0
-        while pid_alive(pid) if pid is not None else self._reachable(name):
+        while pid_alive(pid) if pid is not None else self._still_draining(name, started_at):
             now = time.monotonic()
             if now - started > timeout:
                 raise ClusterError(f"{name} still running {timeout:.0f}s after drain; see its log")

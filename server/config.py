@@ -101,7 +101,8 @@ class GatewaySettings:
     rate_limit_per_s: float = 100.0  # client frames a second per session, sustained
     rate_limit_burst: float = 200.0  # frames a session may send at once; past the limit: close 4006
     allowed_origins: str = ""  # comma-separated Origin allow-list for browsers; empty: any
-    # Where the client port listens: empty, `host`; "0.0.0.0" or "::", every interface.
+    # Where the client port listens: empty, `host`; "0.0.0.0", every IPv4 interface ("::" is
+    # IPv6 only: asyncio sets IPV6_V6ONLY).
     # `host` itself is the address the nodes dial (gossip), so it must be a routable one.
     listen_host: str = ""
     # The dashboard, /status, /metrics and /admin share the client port: they answer peers on

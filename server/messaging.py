@@ -255,7 +255,11 @@ class Messaging:
         link.send(Kind.ACTOR_REPLY, 0, call_id, 0, orjson.dumps(reply))
 
     async def _answer(self, link: Link, call_id: int, message: dict[str, Any]) -> None:
-        reply = await self.local(message)
+        try:
+            async with asyncio.timeout(self.settings.call_timeout_s):  # past it, the caller gave up
+                reply = await self.local(message)
+        except TimeoutError:
+            return
         link.send(Kind.ACTOR_REPLY, 0, call_id, 0, orjson.dumps(reply))
 
     # -- actors -----------------------------------------------------------
@@ -375,19 +379,25 @@ class Messaging:
             self._wb.mark_dirty(act.key)
         return None
 
-    @staticmethod
-    def _last_seen(act: Activation, game_id: str, data: dict[str, Any]) -> int | None:
+    def _last_seen(self, act: Activation, game_id: str, data: dict[str, Any]) -> int | None:
         """The last event of `game_id` pushed to the player, or None when it does not follow
-        the game. Its own `joined` (a re-join after a leave whose reply never came) and `left`
-        make `games` follow what the game says, whatever became of the replies."""
-        last = act.player.games.get(game_id)
-        if last is None and _own_event(act.key, data, "joined"):
+        the game. Its own `joined` (a join whose reply timed out) and `left` make `games`
+        follow what the game says, whatever became of the replies; within the bound: past
+        it, the client, told `timeout`, finds itself in the game with `game.get` and leaves."""
+        games = act.player.games
+        last = games.get(game_id)
+        if (
+            last is None
+            and _own_event(act.key, data, "joined")
+            and len(games) < self.settings.max_games_per_player
+        ):
             return int(data["seq"]) - 1
         return last
 
     def _take_event(self, act: Activation, game_id: str, data: dict[str, Any]) -> None:
         self._push_event(act, data)
-        if _own_event(act.key, data, "left") or _event_type(data) == "ended":
+        kind = _event_type(data)
+        if kind == "ended" or (kind == "left" and f"player:{data.get('from')}" == act.key):
             act.player.games.pop(game_id, None)  # an ended game holds none of its slots
         else:
             act.player.games[game_id] = data["seq"]

@@ -585,7 +585,8 @@ class Node:
         #    to their owners in the ring without us; the sessions follow (MOVED) before we
         #    even leave. Then leave the ring (peers, the gateway first of all, route to the
         #    new owners; we redirect what still comes) while the idle actors follow.
-        others = [n for n in self.membership.live_nodes() if n != self.name]
+        # Not to a node that drains too: its actors would move twice.
+        others = [n for n in self.membership.serving_nodes() if n != self.name]
         live = settings.handoff == "live" and bool(others)
         target = HashRing(others) if live else None
         migration_deadline = min(deadline, time.monotonic() + settings.migration_timeout_s)

@@ -278,3 +278,35 @@ async def client_game(cluster, player):
     game = (await client.request("game.create", {"mode": "ffa", "max_players": 2}))["game"]
     await client.close()
     return game
+
+
+def test_joins_that_timed_out_do_not_take_the_player_past_its_game_bound(make_cluster):
+    """The player follows a game it joined by its own `joined` event only within
+    max_games_per_player; past it the client (told `timeout`) finds itself in the game's
+    players and leaves."""
+    cluster = make_cluster(extra="[node]\ncall_timeout_s = 1.0\nmax_games_per_player = 1")
+
+    async def main():
+        games = [await client_game(cluster, f"host{i}") for i in range(2)]
+        client = await RingsideClient.connect(cluster.url, cluster.token("joiner"))
+        stall = asyncio.create_task(asyncio.to_thread(cluster.local.pause, "redis", 3.0))
+        await asyncio.sleep(0.2)
+        for game in games:
+            with pytest.raises(RequestFailed) as failed:
+                await client.request("game.join", {"game": game})
+            assert failed.value.code == "timeout"
+        await stall
+
+        async def in_games():
+            views = [await client.request("game.get", {"game": g}) for g in games]
+            return [view["game"] for view in views if "joiner" in view["players"]]
+
+        await await_until_async(in_games, lambda joined: len(joined) == 2, timeout=10)
+        followed = (await client.request("player.get"))["games"]
+        assert len(followed) == 1 and followed[0] in games
+        unfollowed = next(g for g in games if g not in followed)
+        await client.request("game.leave", {"game": unfollowed})
+        assert (await client.request("player.get"))["games"] == followed
+        await client.close()
+
+    asyncio.run(main())

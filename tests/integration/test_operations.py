@@ -277,6 +277,6 @@ def test_status_and_drain_reach_a_node_started_elsewhere(make_cluster):
     assert "not started from here" in rows["n2"]["detail"]
     assert rows["n2"]["status"]["membership"]["members"]["n2"] == "alive"
     local.drain("n2")
-    assert not pid_alive(pid)
+    wait_until(lambda: not pid_alive(pid), 5, "n2's process exits")
     rows = {row["name"]: row for row in local.status()}
     assert not rows["n2"]["running"]
