@@ -1004,12 +1004,26 @@ class Gateway:
         server.close(close_connections=False)
         for cs in list(self.sessions.values()):
             cs.close(CloseCode.GOING_AWAY, "gateway shutting down")
+        # Leave the gossip while the clients close: a restart's new gateway takes the ports
+        # only once this process is gone, and the clients reconnect meanwhile.
+        leaving = loop.create_task(self.membership.leave(self.settings.leave_timeout_s))
         await asyncio.sleep(0.1)
         server.close()
-        await server.wait_closed()
+        try:
+            async with asyncio.timeout(self.settings.stop_close_timeout_s):
+                await server.wait_closed()
+        except TimeoutError:
+            # Clients that have not finished their closing handshake (they got the 1001 frame,
+            # or were not reading): cut, rather than hold the restart for close_timeout_s.
+            # all_connections (websockets 14+) has the closing ones too; connections has not.
+            stuck = list(getattr(server, "all_connections", server.connections))
+            log.info("cutting clients that did not close in time", extra={"clients": len(stuck)})
+            for ws in stuck:
+                ws.transport.abort()
+            await server.wait_closed()
         await dashboard.stop()
         for task in [*self._tasks, *self._link_tasks.values()]:
             task.cancel()
-        await self.membership.leave(self.settings.leave_timeout_s)
+        await leaving
         await self.store.close()
         self.gc.close()

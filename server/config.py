@@ -121,6 +121,9 @@ class GatewaySettings:
     link_retry_cap_ms: int = 1_000
     token_ttl_s: int = 86_400  # default lifetime of tokens minted by `ringside token`
     leave_timeout_s: float = 0.8  # on stop: gossip `leaving`, then `left` (swim.leave_linger 0.3 s)
+    # On stop, how long clients have to finish their close handshake (1001) before they are
+    # cut: a restart's clients cannot reconnect until this process is gone.
+    stop_close_timeout_s: float = 1.0
 
     def admin_network_list(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         try:

@@ -280,3 +280,32 @@ def test_status_and_drain_reach_a_node_started_elsewhere(make_cluster):
     wait_until(lambda: not pid_alive(pid), 5, "n2's process exits")
     rows = {row["name"]: row for row in local.status()}
     assert not rows["n2"]["running"]
+
+
+def test_a_gateway_stop_does_not_wait_for_a_client_that_never_closes(make_cluster):
+    """A client that stops reading never answers the 1001 close: the gateway's stop cuts it
+    after stop_close_timeout_s instead of waiting close_timeout_s (5 s), which held every
+    other client's reconnection for as long on a restart."""
+    import socket as socket_module
+
+    from websockets.frames import Frame, Opcode
+
+    cluster = make_cluster()
+    local = cluster.local
+    port = cluster.config.gateway.port
+    stuck = socket_module.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        stuck.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        assert stuck.recv(4096).startswith(b"HTTP/1.1 101")
+        hello = orjson.dumps({"op": "hello", "token": cluster.token("stuck")})
+        stuck.sendall(Frame(Opcode.TEXT, hello).serialize(mask=True, extensions=[]))
+        wait_until(lambda: cluster.gateway_status()["sessions"] == 1, 5, "the stuck client is welcomed")
+        started = time.monotonic()
+        local.stop("gateway")  # the stuck client reads nothing from here on
+        took = time.monotonic() - started
+    finally:
+        stuck.close()
+    assert took < cluster.config.gateway.close_timeout_s, f"the stop took {took:.1f}s"
