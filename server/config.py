@@ -209,6 +209,12 @@ class ClusterConfig:
         return hashlib.sha256(b"ringside-link\0" + self.secret_bytes).digest()
 
     @property
+    def game_id_key(self) -> bytes:
+        """Game ids are an HMAC of (creator, request seq) under this key: the same on a
+        replayed create, and not guessable from a player's name (its chat log is behind it)."""
+        return hashlib.sha256(b"ringside-game-id\0" + self.secret_bytes).digest()
+
+    @property
     def link_keyring(self) -> Keyring | None:
         """Node links are sealed with the gossip keyring when one is configured."""
         key = self.gossip_key

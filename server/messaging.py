@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import re
 import time
@@ -93,8 +95,10 @@ class Messaging:
         persister: Persister,
         migrator: Migrator,
         push: Callable[[str, int, int, bytes], None],
+        game_id_key: bytes,
     ) -> None:
         self.name = name
+        self._game_id_key = game_id_key
         self.settings = settings
         self.limits = GameLimits(
             max_players=settings.game_max_players,
@@ -447,7 +451,8 @@ class Messaging:
         pid = act.key.partition(":")[2]
         op, args = request.op, request.args
         if op == "game.create":
-            game_id = f"g{mmh3.hash64(f'{pid}:{seq}'.encode(), signed=False)[0]:016x}"
+            mac = hmac.new(self._game_id_key, f"{pid}:{seq}".encode(), hashlib.sha256).hexdigest()
+            game_id = f"g{mac[:16]}"
             self._check_room(player.games, game_id)
             result = await self.call(f"game:{game_id}", op, args, sender=pid, sender_seq=seq)
             self._joined(act, seq, game_id, 0)

@@ -221,6 +221,7 @@ class Node:
             persister=self.persister,
             migrator=self.migrator,
             push=self._push,
+            game_id_key=config.game_id_key,
         )
         self._link_keyring = config.link_keyring
         self.started_at = time.time()

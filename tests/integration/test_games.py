@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import random
 import socket
 import time
@@ -226,6 +228,11 @@ def test_a_leave_that_timed_out_does_not_hold_a_game_slot(make_cluster):
     async def main():
         client = await RingsideClient.connect(cluster.url, cluster.token("leaver"))
         game = (await client.request("game.create", {"mode": "ffa", "max_players": 2}))["game"]
+        # Its id: an HMAC of (creator, request seq) under a key from the cluster secret, not a
+        # plain hash anyone could compute from a player's name to read the game's log.
+        seq = (await client.request("player.get"))["applied_seq"]
+        mac = hmac.new(cluster.config.game_id_key, f"leaver:{seq}".encode(), hashlib.sha256)
+        assert game == f"g{mac.hexdigest()[:16]}"
         stall = asyncio.create_task(asyncio.to_thread(cluster.local.pause, "redis", 2.5))
         await asyncio.sleep(0.2)
         with pytest.raises(RequestFailed) as failed:
