@@ -447,6 +447,18 @@ class Messaging:
 
     async def game_request(self, act: Activation, seq: int, request: Request) -> Any:
         """A client's game.* request in its player's turn. Returns the result; raises RingsideError."""
+        if request.op not in GAME_WRITES:
+            return await self._game_request(act, seq, request)
+        try:
+            return await self._game_request(act, seq, request)
+        finally:
+            # The game keeps `seq` as this player's latest effect and takes any later one at or
+            # below it for a replay: a new session numbers from applied_seq, so it must pass
+            # `seq` whatever the outcome (a timeout may have applied it). Before, game.action
+            # never moved it, and after a reconnect acknowledged actions were swallowed.
+            self._mark_applied(act, seq)
+
+    async def _game_request(self, act: Activation, seq: int, request: Request) -> Any:
         player = act.player
         pid = act.key.partition(":")[2]
         op, args = request.op, request.args
@@ -455,7 +467,7 @@ class Messaging:
             game_id = f"g{mac[:16]}"
             self._check_room(player.games, game_id)
             result = await self.call(f"game:{game_id}", op, args, sender=pid, sender_seq=seq)
-            self._joined(act, seq, game_id, 0)
+            self._joined(act, game_id, 0)
             await self._sync(act, game_id)
             return result
         given = args.get("game")
@@ -470,14 +482,13 @@ class Messaging:
             self._check_room(player.games, game_id)
             result = await self.call(key, op, {}, sender=pid, sender_seq=seq)
             if game_id not in player.games:
-                self._joined(act, seq, game_id, result["seq"] - 1)
+                self._joined(act, game_id, result["seq"] - 1)
             await self._sync(act, game_id)
             return result
         if op == "game.leave":
             result = await self._game_write(act, pid, game_id, op, {}, seq)
             await self._sync(act, game_id)  # up to its own `left`, which the player sees too
             player.games.pop(game_id, None)
-            self._mark_applied(act, seq)
             return result
         if op == "game.action":  # the game says whether the player is in it, or it ended
             return await self._game_write(act, pid, game_id, op, {"action": args.get("action")}, seq)
@@ -504,9 +515,8 @@ class Messaging:
         if game_id not in games and len(games) >= self.settings.max_games_per_player:
             raise Overloaded(f"a player is in at most {self.settings.max_games_per_player} games")
 
-    def _joined(self, act: Activation, seq: int, game_id: str, last: int) -> None:
+    def _joined(self, act: Activation, game_id: str, last: int) -> None:
         act.player.games.setdefault(game_id, last)
-        self._mark_applied(act, seq)
 
     def _mark_applied(self, act: Activation, seq: int) -> None:
         act.player.applied_seq = max(act.player.applied_seq, seq)
