@@ -44,7 +44,7 @@ from server.player import PlayerState, Request, parse_request
 from server.ring import HashRing
 from server.runtime import Activation, ActorRuntime
 from server.store import Store
-from server.swim import DEAD
+from server.swim import DEAD, MemberState
 from server.wire import Frame, Kind
 from server.writebehind import WriteBehind
 
@@ -501,6 +501,10 @@ class Node:
         # this one, without us.
         before = set(self._ring_members) | set(ring.members)
         before.discard(self.name)
+        for gone in before - set(ring.members):
+            member = self.membership.member(gone)
+            if member is not None and member.state is MemberState.FAULTY:
+                self.peers.forget(gone)  # calls to it go to the new owners now, not on waiting
         self._ring_members = ring.members
         live = self.config.node.handoff == "live" and before and self.name in ring.members
         self._pull_ring = HashRing(sorted(before)) if live else None

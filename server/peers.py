@@ -178,6 +178,14 @@ class Peers:
             if call_link is link and not future.done():
                 future.set_exception(PeerLost(f"link to {link.name} broke"))
 
+    def forget(self, node: str) -> None:
+        """`node` was declared faulty: close our link to it, which fails the calls waiting on
+        it (a paused peer's link stays open, and they would wait out their whole timeout)."""
+        link = self._links.pop(node, None)
+        if link is not None:
+            link.close()
+            self._on_lost(link)
+
     def close(self) -> None:
         for link in list(self._links.values()):
             link.close()

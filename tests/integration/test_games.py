@@ -341,3 +341,34 @@ def test_actions_after_a_reconnect_are_applied(cluster):
         await client.close()
 
     asyncio.run(main())
+
+
+def test_a_game_action_waits_for_failover_not_for_a_paused_game_node(cluster):
+    """The game's node stops (SIGSTOP) mid-game: a player on another node is answered once
+    gossip has moved the game (about a second), not when the paused node would have answered
+    or its call timed out (the whole pause, up to call_timeout_s: found by a chaos soak)."""
+    ring = HashRing(cluster.config.node_names)
+    pause_s = 4.0
+
+    async def main():
+        for i in range(20):
+            player = f"pz{i}"
+            client = await RingsideClient.connect(cluster.url, cluster.token(player))
+            game = (await client.request("game.create", {"max_players": 2}))["game"]
+            if ring.owner(f"game:{game}") != ring.owner(f"player:{player}"):
+                break
+            await client.close()
+        else:
+            raise AssertionError("no game away from its creator's node in 20 tries")
+        game_node = ring.owner(f"game:{game}")
+        paused = asyncio.create_task(asyncio.to_thread(cluster.local.pause, game_node, pause_s))
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        await client.request("game.action", {"game": game, "action": {"type": "score", "points": 1}})
+        took = time.monotonic() - started
+        await paused
+        assert took < pause_s - 1.0, f"answered after {took:.2f}s of a {pause_s}s pause"
+        assert (await client.request("game.get", {"game": game}))["scores"] == {player: 1}
+        await client.close()
+
+    asyncio.run(main())
