@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
@@ -99,6 +101,9 @@ class Store:
             timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
+            # One retry on a fresh connection when a pooled one turns out dead (Redis restarted
+            # or closed it idle); not on a timeout. redis-py's default here is no retry.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         if pool.connection_class is aioredis.Connection:  # not TLS or a Unix socket
             pool.connection_class = _CPackedConnection

@@ -118,6 +118,23 @@ def test_a_writer_connection_killed_while_idle_is_replaced_without_a_failed_flus
     on_store(rds.url, scenario)
 
 
+def test_pool_connections_killed_while_idle_are_replaced_without_a_failed_activation(rds):
+    """After a Redis restart every idle pool connection is dead: each failed its next command
+    (activations, hand-overs, revocation checks) until redis-py was told to retry once."""
+    r = rds.client()
+
+    async def scenario(store):
+        first = await asyncio.gather(*(store.activate(f"player:k{i}") for i in range(8)))
+        assert all(epoch >= 1 for epoch, _ in first)
+        killed = r.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        assert killed >= 1
+        again = await asyncio.gather(*(store.activate(f"player:k{i}") for i in range(8)))
+        assert [e for e, _ in again] == [e + 1 for e, _ in first]
+        assert not await store.is_revoked("some-token-id")
+
+    on_store(rds.url, scenario)
+
+
 def test_a_script_cache_flushed_by_a_restart_is_loaded_again(rds):
     r = rds.client()
     batch = writes("c", 2)
