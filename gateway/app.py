@@ -986,7 +986,7 @@ class Gateway:
         origins: list[Origin | None] | None = [Origin(o) for o in allowed] or None
         server = await serve(
             dashboard.route(self.handle),
-            self.settings.listen_host or self.settings.host,
+            self.settings.listen_address,
             self.settings.port,
             create_connection=GatewayConnection,
             process_request=routes,
@@ -995,8 +995,9 @@ class Gateway:
             close_timeout=self.settings.close_timeout_s,
             origins=origins,
         )
-        listening = self.settings.listen_host or self.settings.host
-        log.info("gateway started", extra={"url": f"ws://{listening}:{self.settings.port}/ws"})
+        log.info(
+            "gateway started", extra={"url": f"ws://{self.settings.listen_address}:{self.settings.port}/ws"}
+        )
         self.gc.start()
         self._tasks.append(loop.create_task(self.gc.run()))
         await self._stopping.wait()

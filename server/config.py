@@ -125,6 +125,10 @@ class GatewaySettings:
     # cut: a restart's clients cannot reconnect until this process is gone.
     stop_close_timeout_s: float = 1.0
 
+    @property
+    def listen_address(self) -> str:
+        return self.listen_host or self.host
+
     def admin_network_list(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         try:
             return [ipaddress.ip_network(n.strip()) for n in self.admin_networks.split(",") if n.strip()]

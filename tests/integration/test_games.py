@@ -215,6 +215,18 @@ def test_a_sealed_cluster_plays_across_nodes(make_cluster):
     assert cluster.gateway_status()["membership"]["gossip_dropped"] == 0
 
 
+async def time_out_while_redis_stalls(cluster, client, requests, seconds):
+    """Each request is answered `timeout` (node.call_timeout_s) while Redis is stopped under
+    the game's commit; it is applied once Redis is back."""
+    stall = asyncio.create_task(asyncio.to_thread(cluster.local.pause, "redis", seconds))
+    await asyncio.sleep(0.2)
+    for op, args in requests:
+        with pytest.raises(RequestFailed) as failed:
+            await client.request(op, args)
+        assert failed.value.code == "timeout", failed.value
+    await stall
+
+
 def test_a_leave_that_timed_out_does_not_hold_a_game_slot(make_cluster):
     """A leave the game applied after the player's call gave up (`timeout`: Redis stalled the
     game's commit) must not leave the game in the player's `games`, where it would hold one of
@@ -233,12 +245,7 @@ def test_a_leave_that_timed_out_does_not_hold_a_game_slot(make_cluster):
         seq = (await client.request("player.get"))["applied_seq"]
         mac = hmac.new(cluster.config.game_id_key, f"leaver:{seq}".encode(), hashlib.sha256)
         assert game == f"g{mac.hexdigest()[:16]}"
-        stall = asyncio.create_task(asyncio.to_thread(cluster.local.pause, "redis", 2.5))
-        await asyncio.sleep(0.2)
-        with pytest.raises(RequestFailed) as failed:
-            await client.request("game.leave", {"game": game})
-        assert failed.value.code == "timeout"
-        await stall
+        await time_out_while_redis_stalls(cluster, client, [("game.leave", {"game": game})], 2.5)
 
         async def games():
             return (await client.request("player.get"))["games"]
@@ -247,12 +254,7 @@ def test_a_leave_that_timed_out_does_not_hold_a_game_slot(make_cluster):
         assert (await client.request("game.get", {"game": game}))["players"] == []
 
         # A join that timed out the same way: its own `joined` makes the player follow the game.
-        stall = asyncio.create_task(asyncio.to_thread(cluster.local.pause, "redis", 2.5))
-        await asyncio.sleep(0.2)
-        with pytest.raises(RequestFailed) as failed:
-            await client.request("game.join", {"game": game})
-        assert failed.value.code == "timeout"
-        await stall
+        await time_out_while_redis_stalls(cluster, client, [("game.join", {"game": game})], 2.5)
         await await_until_async(games, lambda g: g == [game], timeout=10)
         await client.request("game.action", {"game": game, "action": {"type": "score", "points": 1}})
         left = (await client.request("game.leave", {"game": game}))["seq"]
@@ -296,13 +298,7 @@ def test_joins_that_timed_out_do_not_take_the_player_past_its_game_bound(make_cl
     async def main():
         games = [await client_game(cluster, f"host{i}") for i in range(2)]
         client = await RingsideClient.connect(cluster.url, cluster.token("joiner"))
-        stall = asyncio.create_task(asyncio.to_thread(cluster.local.pause, "redis", 3.0))
-        await asyncio.sleep(0.2)
-        for game in games:
-            with pytest.raises(RequestFailed) as failed:
-                await client.request("game.join", {"game": game})
-            assert failed.value.code == "timeout"
-        await stall
+        await time_out_while_redis_stalls(cluster, client, [("game.join", {"game": g}) for g in games], 3.0)
 
         async def in_games():
             views = [await client.request("game.get", {"game": g}) for g in games]
