@@ -99,6 +99,16 @@ async def await_until(condition: Callable[[], bool], timeout: float, message: st
         await asyncio.sleep(0.02)
 
 
+def is_stopped(cluster: Cluster, name: str) -> bool:
+    """`name` is SIGSTOPped (`cluster.local.pause` under way): state T in /proc."""
+    pid = cluster.local.pid(name)
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
+
+
 @pytest.fixture
 def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     started: list[Cluster] = []

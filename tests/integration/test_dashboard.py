@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from gateway.client import RingsideClient
-from tests.integration.conftest import Cluster, wait_until
+from tests.integration.conftest import Cluster, await_until, is_stopped, wait_until
 
 SCREENS = Path(__file__).resolve().parents[2] / ".run" / "screens"
 CHROMIUM_ARGS = [
@@ -68,7 +68,7 @@ def member_state(page: Any, name: str) -> str | None:
 async def update_while_redis_stalls(cluster: Cluster, player: str, seconds: float) -> None:
     async with await RingsideClient.connect(cluster.url, cluster.token(player)) as client:
         stall = asyncio.create_task(asyncio.to_thread(cluster.local.pause, "redis", seconds))
-        await asyncio.sleep(0.2)
+        await await_until(lambda: is_stopped(cluster, "redis"), 2, "Redis is stopped")
         await client.request("player.update", {"incr": {"xp": 1}})  # answered from memory
         await stall
 

@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from gateway.client import RequestFailed, RingsideClient
 from server.ring import HashRing
-from tests.integration.conftest import await_until
+from tests.integration.conftest import await_until, is_stopped
 
 PLAYERS = [f"q{i}" for i in range(8)]
 
@@ -219,7 +219,7 @@ async def time_out_while_redis_stalls(cluster, client, requests, seconds):
     """Each request is answered `timeout` (node.call_timeout_s) while Redis is stopped under
     the game's commit; it is applied once Redis is back."""
     stall = asyncio.create_task(asyncio.to_thread(cluster.local.pause, "redis", seconds))
-    await asyncio.sleep(0.2)
+    await await_until(lambda: is_stopped(cluster, "redis"), 2, "Redis is stopped")
     for op, args in requests:
         with pytest.raises(RequestFailed) as failed:
             await client.request(op, args)
@@ -358,7 +358,7 @@ def test_a_game_action_waits_for_failover_not_for_a_paused_game_node(cluster):
             raise AssertionError("no game away from its creator's node in 20 tries")
         game_node = ring.owner(f"game:{game}")
         paused = asyncio.create_task(asyncio.to_thread(cluster.local.pause, game_node, pause_s))
-        await asyncio.sleep(0.1)
+        await await_until(lambda: is_stopped(cluster, game_node), 2, "the game's node is stopped")
         started = time.monotonic()
         await client.request("game.action", {"game": game, "action": {"type": "score", "points": 1}})
         took = time.monotonic() - started
