@@ -37,7 +37,7 @@ from server.config import ClusterConfig
 from server.errors import CloseCode
 from server.gcpolicy import GcPolicy
 from server.hotmetrics import Count, LatencyHistogram
-from server.link import Link
+from server.link import Link, dial_link
 from server.membership import Membership
 from server.ring import HashRing
 from server.store import Store, StoreUnavailable
@@ -473,7 +473,6 @@ class Gateway:
 
     # -- node links -------------------------------------------------------
     async def _maintain_link(self, name: str) -> None:
-        loop = asyncio.get_running_loop()
         base = self.settings.link_retry_base_ms / 1000
         cap = self.settings.link_retry_cap_ms / 1000
         attempt = 0
@@ -483,7 +482,7 @@ class Gateway:
                 await asyncio.sleep(0.05)
                 continue
             try:
-                _, link = await loop.create_connection(
+                link = await dial_link(
                     lambda: Link(
                         self._on_frames,
                         lambda _link: None,
@@ -494,7 +493,8 @@ class Gateway:
                         keyring=self._link_keyring,
                         name=name,
                     ),
-                    *address,
+                    address,
+                    unix=self.config.node.unix_links,
                 )
             except OSError as exc:
                 attempt += 1
@@ -514,7 +514,7 @@ class Gateway:
                 continue
             attempt = 0
             self.links[name] = link
-            log.info("link up", extra={"node": name})
+            log.info("link up", extra={"node": name, "via": link.via})
             self._on_link_up(name)
             try:
                 await link.closed
@@ -957,6 +957,7 @@ class Gateway:
             "sessions": len(self.sessions),
             "session_states": states,
             "links": {n: bool(link and link.is_open) for n, link in self.links.items()},
+            "link_via": {n: link.via for n, link in self.links.items() if link and link.is_open},
             "membership": self.membership.status(),
             "gc": self.gc.status(),
         }

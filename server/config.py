@@ -64,6 +64,9 @@ class NodeSettings:
     game_max_duration_s: float = 3600.0
     max_link_frame_bytes: int = 1 << 20  # node-link frame bound
     link_write_buffer_bytes: int = 4 << 20  # pause reading a link while its peer is this far behind
+    # Links between processes on one host (gateway to node, node to node) go over a Unix
+    # socket (Linux abstract namespace) instead of TCP loopback; false: TCP everywhere.
+    unix_links: bool = True
     leave_timeout_s: float = 0.8  # on stop: gossip `leaving`, then `left` (swim.leave_linger 0.3 s)
     # A process stalled (SIGSTOP, VM pause) longer than this may have been declared faulty
     # and had its actors reassigned: it drops them unwritten. Keep it below the fastest

@@ -1,4 +1,5 @@
-"""The asyncio adapter for a node link: a TCP stream of `server.wire` frames.
+"""The asyncio adapter for a node link: a stream of `server.wire` frames, over TCP or, between
+processes on one host, a Unix socket.
 
 Used on both ends (the node serves links, the gateway and peers dial them). When our
 peer stops reading and our write buffer passes its high-water mark we stop
@@ -21,6 +22,8 @@ import hashlib
 import hmac
 import logging
 import os
+import socket
+import sys
 from collections.abc import Callable
 from typing import cast
 
@@ -58,6 +61,7 @@ class Link(asyncio.Protocol):
         self._receiving = False  # in data_received: it writes `_out` when the handlers return
         self._held_bytes = 0
         self.transport: asyncio.Transport | None = None
+        self.via = ""  # "tcp" or "unix" once connected
         self.closed = asyncio.get_running_loop().create_future()
         self.bytes_in = 0
         self.bytes_out = 0
@@ -70,6 +74,8 @@ class Link(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.transport.set_write_buffer_limits(high=self._write_buffer)
+        sock = transport.get_extra_info("socket")
+        self.via = "unix" if sock is not None and sock.family == socket.AF_UNIX else "tcp"
         if self._accepting:
             self._challenge = os.urandom(16)
             self.transport.write(encode(Kind.LINK_CHALLENGE, 0, payload=self._challenge))
@@ -181,3 +187,47 @@ class Link(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(None)
         self._on_lost(self)
+
+
+UNIX_LINKS_SUPPORTED = sys.platform == "linux"  # abstract-namespace Unix sockets
+
+
+def unix_link_name(host: str, port: int) -> str:
+    """The abstract Unix socket on which a node serves the same links as on TCP host:port.
+    Named by that address, so it is unique on a host (as the port is) and only a process on
+    the node's own host (and network namespace) can reach it."""
+    return f"\0ringside-link-{host}:{port}"
+
+
+async def serve_unix_links(
+    factory: Callable[[], Link], host: str, port: int
+) -> asyncio.AbstractServer | None:
+    """Serve links on `unix_link_name(host, port)` too; None (TCP only) where that fails."""
+    if not UNIX_LINKS_SUPPORTED:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(unix_link_name(host, port))
+    except OSError as exc:
+        sock.close()
+        log.warning("links over a Unix socket unavailable; TCP only", extra={"error": str(exc)})
+        return None
+    return await asyncio.get_running_loop().create_unix_server(factory, sock=sock)
+
+
+async def dial_link(factory: Callable[[], Link], address: tuple[str, int], *, unix: bool) -> Link:
+    """Connect a link to a node: over its Unix socket when `unix` and the node is on this
+    host, else (or when that is refused) over TCP. Raises OSError as create_connection does."""
+    loop = asyncio.get_running_loop()
+    if unix and UNIX_LINKS_SUPPORTED:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, unix_link_name(*address))
+        except OSError:
+            sock.close()  # not on this host (or an older node): TCP
+        else:
+            _, link = await loop.create_unix_connection(factory, sock=sock)
+            return link
+    _, link = await loop.create_connection(factory, *address)
+    return link

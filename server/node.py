@@ -34,7 +34,7 @@ from server.errors import (
 from server.game import GameState
 from server.gcpolicy import GcPolicy
 from server.hotmetrics import LabelledCounts
-from server.link import Link
+from server.link import Link, serve_unix_links
 from server.membership import Membership
 from server.messaging import GAME_OPS, Messaging
 from server.migration import Migrator
@@ -106,7 +106,7 @@ class NodeMetrics:
             kinds.add_metric(["player"], len(node.runtime) - games)
             kinds.add_metric(["game"], games)
             yield kinds
-            links = [*node.links, *getattr(node.peers, "_links", {}).values()]
+            links = [*node.links, *node.peers.links.values()]
             link_bytes = CounterMetricFamily(
                 "ringside_node_link_bytes", "Bytes on open gateway and peer links", labels=["direction"]
             )
@@ -201,6 +201,7 @@ class Node:
             keyring=config.link_keyring,
             max_frame=settings.max_link_frame_bytes,
             write_buffer=settings.link_write_buffer_bytes,
+            unix_links=settings.unix_links,
         )
         self.migrator = Migrator(
             name=name,
@@ -701,6 +702,7 @@ class Node:
             "actors": len(self.runtime),
             "sessions": len(self.sessions),
             "links": len(self.links),
+            "peer_links": {node: link.via for node, link in self.peers.links.items()},
             "dirty": len(self.wb),
             "degraded": self.wb.degraded,
             "flush_lag_s": round(self.flush_lag(), 3),
@@ -722,6 +724,10 @@ class Node:
         link_server = await loop.create_server(
             self._new_link, self.address.host, self.address.link_port, reuse_address=True
         )
+        unix_link_server = None
+        if self.config.node.unix_links:
+            address = self.address
+            unix_link_server = await serve_unix_links(self._new_link, address.host, address.link_port)
         routes = admin_routes(
             status=self.status,
             health=self.health,
@@ -748,6 +754,8 @@ class Node:
         await self._stopping.wait()
         log.info("node stopping", extra={"dirty": len(self.wb), "actors": len(self.runtime)})
         link_server.close()
+        if unix_link_server is not None:
+            unix_link_server.close()
         for link in list(self.links):
             link.close()
         self.peers.close()

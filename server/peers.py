@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from server.link import Link
+from server.link import Link, dial_link
 from server.swim_codec import Keyring
 from server.wire import Frame, Kind
 
@@ -38,6 +38,7 @@ class Peers:
         write_buffer: int,
         connect_timeout: float = 1.0,
         max_calls: int = 10_000,
+        unix_links: bool = False,
     ) -> None:
         self._address_of = address_of
         self._auth_key = auth_key
@@ -46,6 +47,7 @@ class Peers:
         self._write_buffer = write_buffer
         self._connect_timeout = connect_timeout
         self._max_calls = max_calls
+        self._unix_links = unix_links
         self._links: dict[str, Link] = {}
         self._learned: dict[str, tuple[str, int]] = {}  # addresses peers told us before gossip did
         self._connecting: dict[str, asyncio.Future[Link]] = {}
@@ -53,6 +55,11 @@ class Peers:
         self._calls: dict[int, tuple[Link, asyncio.Future[dict[str, Any]]]] = {}
         self.calls_total = 0
         self.sends_total = 0
+
+    @property
+    def links(self) -> dict[str, Link]:
+        """Our open links to other nodes, by node."""
+        return {node: link for node, link in self._links.items() if link.is_open}
 
     async def _link(self, node: str) -> Link:
         link = self._links.get(node)
@@ -92,9 +99,8 @@ class Peers:
         address = self._address_of(node) or self._learned.get(node)
         if address is None:
             raise PeerLost(f"no address for {node}")
-        loop = asyncio.get_running_loop()
-        _, link = await asyncio.wait_for(
-            loop.create_connection(
+        link = await asyncio.wait_for(
+            dial_link(
                 lambda: Link(
                     self._on_frames,
                     self._on_lost,
@@ -105,7 +111,8 @@ class Peers:
                     keyring=self._keyring,
                     name=node,
                 ),
-                *address,
+                address,
+                unix=self._unix_links,
             ),
             self._connect_timeout,
         )

@@ -124,6 +124,11 @@ def test_eight_players_across_nodes_see_every_action_once_in_order(cluster):
             await c.close()
 
     asyncio.run(main())
+    # Every process is on this host: the gateway's links and the nodes' peer links (the
+    # game's calls to its players' nodes) go over Unix sockets.
+    assert set(cluster.gateway_status()["link_via"].values()) == {"unix"}
+    peer_links = [cluster.node_status(n)["peer_links"] for n in cluster.config.node_names]
+    assert any(peer_links) and all(set(p.values()) <= {"unix"} for p in peer_links), peer_links
 
 
 def test_game_survives_the_loss_of_its_node(cluster):
@@ -197,9 +202,9 @@ def test_a_client_that_stops_reading_is_closed_and_others_keep_going(cluster):
 
 def test_a_sealed_cluster_plays_across_nodes(make_cluster):
     """With gossip keys configured, gossip and node links are sealed with AES-GCM; games
-    across nodes work the same."""
+    across nodes work the same. Links here are TCP (`unix_links = false`), as between hosts."""
     key = base64.b64encode(b"k" * 32).decode()
-    cluster = make_cluster(extra=f'[cluster]\ngossip_keys = "{key}"')
+    cluster = make_cluster(extra=f'[cluster]\ngossip_keys = "{key}"\n[node]\nunix_links = false')
     acked: dict[str, int] = {}
 
     async def main():
@@ -213,6 +218,9 @@ def test_a_sealed_cluster_plays_across_nodes(make_cluster):
 
     asyncio.run(main())
     assert cluster.gateway_status()["membership"]["gossip_dropped"] == 0
+    assert set(cluster.gateway_status()["link_via"].values()) == {"tcp"}
+    peer_links = [cluster.node_status(n)["peer_links"] for n in cluster.config.node_names]
+    assert any(peer_links) and all(set(p.values()) <= {"tcp"} for p in peer_links), peer_links
 
 
 async def time_out_while_redis_stalls(cluster, client, requests, seconds):
