@@ -218,12 +218,21 @@ class Generator:
         return await asyncio.wait_for(future, timeout)
 
     async def open_one(self, url: str, secret: str | None, player: str, update: bool) -> tuple[float, float]:
-        from server.tokens import mint
-
         t0 = time.perf_counter()
         conn = Conn(player)
         conn.welcome = asyncio.get_running_loop().create_future()
         ws = conn.ws = await ClientConnection.connect(url, lambda raw: self._on_message(conn, raw))
+        try:
+            return await self._hello(conn, ws, secret, player, update, t0)
+        except Exception as exc:
+            exc.ws = ws  # type: ignore[attr-defined]  # its close code says why
+            raise
+
+    async def _hello(
+        self, conn: Conn, ws: ClientConnection, secret: str | None, player: str, update: bool, t0: float
+    ) -> tuple[float, float]:
+        from server.tokens import mint
+
         if secret is not None:
             token = mint(secret.encode(), player, expires_at=int(time.time()) + 3600)
             try:
@@ -263,7 +272,9 @@ class Generator:
                     hellos.append(h)
                     firsts.append(f)
                 except Exception as exc:  # noqa: BLE001
-                    failed.append(repr(exc)[:200])
+                    ws = getattr(exc, "ws", None)
+                    why = f" (closed {ws.close_code}: {ws.close_reason})" if ws and ws.close_code else ""
+                    failed.append(repr(exc)[:200] + why)
 
         await asyncio.gather(*(one(p) for p in c["players"]))
         return {

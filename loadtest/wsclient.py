@@ -62,6 +62,10 @@ class ClientConnection(asyncio.Protocol):
     def close_code(self) -> int | None:
         return self.protocol.close_code
 
+    @property
+    def close_reason(self) -> str | None:
+        return self.protocol.close_reason
+
     def send_text(self, data: bytes) -> None:
         """Queue one text message (the bench's frames are JSON, already UTF-8)."""
         self.protocol.send_text(data)
