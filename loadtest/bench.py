@@ -1312,7 +1312,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cluster.down()
         except Exception as exc:  # noqa: BLE001
             log(f"cluster teardown: {exc}")
-        shutil.rmtree(workdir, ignore_errors=True)
+        if failures_seen(out):
+            log(f"sessions failed to open: the cluster's logs are kept in {workdir / 'run'}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def failures_seen(out: dict[str, Any]) -> bool:
+    """Did any phase of this run have sessions that failed to open (worth the logs)?"""
+    phases = [out.get("memory", {})]
+    for side in ("echo", "ringside"):
+        phases += [p for p in out.get(side, {}).values() if isinstance(p, dict)]
+    return any(phase.get("open_failed") for phase in phases)
 
 
 def ratio(a: float, b: float) -> str:
