@@ -8,6 +8,7 @@ any WebSocket handshake happens.
 from __future__ import annotations
 
 import hmac
+import inspect
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -23,7 +24,8 @@ from websockets.http11 import Request, Response
 log = logging.getLogger("ringside.admin")
 
 StatusFn = Callable[[], dict[str, Any]]
-ActionFn = Callable[[Mapping[str, str]], dict[str, Any]]  # the query's parameters -> the answer
+# The query's parameters -> the answer (or an awaitable of it).
+ActionFn = Callable[[Mapping[str, str]], dict[str, Any] | Awaitable[dict[str, Any]]]
 
 
 class AdminRefused(Exception):
@@ -116,7 +118,10 @@ def admin_routes(
             query = {k: v[-1] for k, v in parse_qs(request.path.partition("?")[2]).items()}
             log.info("admin action", extra={"action": name, "peer": peer, "query": query})
             try:
-                return json_response(conn, HTTPStatus.OK, action(query))
+                result = action(query)
+                if inspect.isawaitable(result):
+                    result = await result
+                return json_response(conn, HTTPStatus.OK, result)
             except AdminRefused as exc:
                 return json_response(conn, HTTPStatus.CONFLICT, {"error": str(exc)})
         if path == "/healthz":

@@ -43,7 +43,7 @@ from server.persister import Persister
 from server.player import PlayerState, Request, parse_request
 from server.ring import HashRing
 from server.runtime import Activation, ActorRuntime
-from server.store import Store
+from server.store import Store, StoreUnavailable
 from server.swim import DEAD, MemberState
 from server.wire import Frame, Kind
 from server.writebehind import WriteBehind
@@ -228,6 +228,7 @@ class Node:
         self.started_at = time.time()
         self.self_faulty_drops = 0
         self.draining_since: float | None = None
+        self._draining_elsewhere: set[str] = set()  # serving in gossip, claimed a drain in Redis
         # For migration_pull_s after a ring change: the ring before the change (or the
         # first of a run of them) and who else held keys then, to pull what it gave us.
         self._pull_until = time.monotonic() + settings.migration_pull_s
@@ -567,15 +568,36 @@ class Node:
         )
         return handed + migrated
 
-    def _admin_drain(self, *, force: bool = False) -> dict[str, Any]:
+    async def _admin_drain(self, *, force: bool = False) -> dict[str, Any]:
+        if self.draining_since is not None:
+            return self.status()
         others = [n for n in self.membership.serving_nodes() if n != self.name]
-        if self.draining_since is None and not force and not others:
-            raise AdminRefused(
-                f"{self.name} is the last node serving (others are down or draining): drained, "
-                "no node would serve and clients wait until one starts; ?force=1 drains it anyway"
+        last = (
+            f"{self.name} is the last node serving (others are down or draining): drained, "
+            "no node would serve and clients wait until one starts; ?force=1 drains it anyway"
+        )
+        if not others and not force:
+            raise AdminRefused(last)
+        # Gossip takes a round to tell the others that a node drains; the claim in Redis does
+        # not, so of two drains at once on the last two serving nodes one is refused.
+        ttl_s = self.config.node.drain_timeout_s + 10
+        try:
+            claimed, serving = await asyncio.wait_for(
+                self.store.claim_drain(self.name, others, ttl_s=ttl_s, force=force), 5
             )
-        if self.draining_since is None:
+        except (StoreUnavailable, TimeoutError) as exc:
+            if not force:
+                raise AdminRefused(
+                    f"Redis did not answer ({exc or 'timeout'}): a drain now could not write what "
+                    f"{self.name} holds; ?force=1 drains it anyway"
+                ) from exc
+            serving = others
+        else:
+            if not claimed:
+                raise AdminRefused(last)
+        if self.draining_since is None:  # not started by a request answered meanwhile
             self.draining_since = time.monotonic()
+            self._draining_elsewhere = set(others) - set(serving)
             self.membership.announce_draining()
             self._spawn(self._drain())
         return self.status()
@@ -592,7 +614,9 @@ class Node:
         #    even leave. Then leave the ring (peers, the gateway first of all, route to the
         #    new owners; we redirect what still comes) while the idle actors follow.
         # Not to a node that drains too: its actors would move twice.
-        others = [n for n in self.membership.serving_nodes() if n != self.name]
+        others = [
+            n for n in self.membership.serving_nodes() if n != self.name and n not in self._draining_elsewhere
+        ]
         live = settings.handoff == "live" and bool(others)
         target = HashRing(others) if live else None
         migration_deadline = min(deadline, time.monotonic() + settings.migration_timeout_s)
@@ -739,6 +763,10 @@ class Node:
             admin_token=self.config.admin_token,
         )
         admin = await serve(_no_websocket, self.address.host, self.address.admin_port, process_request=routes)
+        try:  # serving again after a drain: that drain's claim must not hold back others'
+            await asyncio.wait_for(self.store.clear_drain_claim(self.name), 2)
+        except (StoreUnavailable, TimeoutError) as exc:
+            log.warning("could not clear an earlier drain claim", extra={"error": str(exc) or "timeout"})
         await self.membership.start()
         background = [
             loop.create_task(self.persister.run()),

@@ -55,6 +55,28 @@ for i = 1, #KEYS, 2 do
 end
 return epochs
 """
+# A drain's claim (decision 33): of the nodes the drainer's gossip view calls serving, those
+# with no unexpired claim of their own still serve; with none left (and no force) refuse,
+# else claim. One script, so of two drains at once on the last two nodes one is refused,
+# whatever gossip has spread. KEYS: the claims hash (node -> until, ms on Redis's clock);
+# ARGV: node, claim ttl ms, force (0/1), the other serving nodes. Returns {claimed, serving...}.
+DRAIN_CLAIM_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local result = {0}
+for i = 4, #ARGV do
+  if tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0') <= now then
+    result[#result + 1] = ARGV[i]
+  end
+end
+if #result == 1 and ARGV[3] ~= '1' then
+  return result
+end
+redis.call('HSET', KEYS[1], ARGV[1], now + tonumber(ARGV[2]))
+result[1] = 1
+return result
+"""
+DRAIN_CLAIMS_KEY = "rs:draining"
 CAS_CHUNK = 128  # actors per script call; bounds how long one call holds Redis
 ACTIVATION_CHUNK = 512  # activations per pipeline
 
@@ -185,6 +207,26 @@ class Store:
     async def revoke(self, token_id: str, ttl_s: int) -> None:
         try:
             await self._redis.set(revoked_key(token_id), b"1", ex=max(1, ttl_s))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def claim_drain(
+        self, node: str, others: Sequence[str], *, ttl_s: float, force: bool
+    ) -> tuple[bool, list[str]]:
+        """Claim `node`'s drain unless no other node would be left serving; returns (claimed,
+        the `others` with no drain claim of their own). Raises StoreUnavailable."""
+        try:
+            result = await self._redis.eval(  # type: ignore[misc]
+                DRAIN_CLAIM_SCRIPT, 1, DRAIN_CLAIMS_KEY, node, int(ttl_s * 1000), int(force), *others
+            )
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return result[0] == 1, [n.decode() for n in result[1:]]
+
+    async def clear_drain_claim(self, node: str) -> None:
+        """A node that starts serves: any claim from an earlier drain of it is void."""
+        try:
+            await self._redis.hdel(DRAIN_CLAIMS_KEY, node)  # type: ignore[misc]
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
 

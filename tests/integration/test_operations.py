@@ -7,7 +7,9 @@ import asyncio
 import base64
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import orjson
 import pytest
@@ -17,7 +19,7 @@ from loadtest.checker import IncrementLoad
 from loadtest.harness import write_config
 from server.cluster import ClusterError, LocalCluster, http_json, pid_alive
 from server.config import load_config
-from tests.integration.conftest import wait_until
+from tests.integration.conftest import is_stopped, wait_until
 from tests.integration.test_games import check_streams, drain_events, start_game
 
 PLAYERS = [f"o{i}" for i in range(200)]
@@ -262,6 +264,48 @@ def test_a_node_refuses_to_drain_while_the_only_other_one_drains(make_cluster):
     assert cluster.node_status("n2")["state"] != "draining"
     wait_until(lambda: local.pid("n1") is None, 20, "n1 finishes its drain")
     local.drain("n2", force=True)  # forced, it goes
+
+
+def test_two_drains_at_once_on_the_last_two_nodes_leave_one_serving(make_cluster):
+    """Both drains land within one gossip round, before either node can hear of the other's:
+    the claim in Redis refuses one. A drained node started again serves, and its old claim
+    does not hold back the next drain. With Redis not answering, a drain is refused."""
+    cluster = make_cluster(nodes=2)
+    local = cluster.local
+
+    pauser = threading.Thread(target=local.pause, args=("redis", 4.0))
+    pauser.start()
+    try:
+        wait_until(lambda: is_stopped(cluster, "redis"), 5, "Redis is paused")
+        with pytest.raises(ClusterError, match="409.*Redis did not answer.*force=1"):
+            local.admin("n1", "drain", timeout=10)
+    finally:
+        pauser.join()
+    assert cluster.node_status("n1")["state"] == "serving"
+
+    barrier = threading.Barrier(2)
+
+    def drain(name: str) -> str:
+        barrier.wait()
+        try:
+            local.admin(name, "drain")
+            return "drained"
+        except ClusterError as exc:
+            return str(exc)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = dict(zip(("n1", "n2"), pool.map(drain, ("n1", "n2")), strict=True))
+    drained = [name for name, result in results.items() if result == "drained"]
+    assert len(drained) == 1, results
+    (kept,) = set(results) - set(drained)
+    assert "409" in results[kept] and "last node serving" in results[kept], results
+    wait_until(lambda: local.pid(drained[0]) is None, 20, "the drained node exits")
+    assert cluster.node_status(kept)["state"] == "serving"
+
+    local.start_node(drained[0])
+    wait_until(lambda: drained[0] in cluster.node_status(kept)["membership"]["ring"], 10, "it serves again")
+    local.admin(kept, "drain")  # the other serves: its claim from before is gone
+    wait_until(lambda: local.pid(kept) is None, 20, "the second drain finishes")
 
 
 def test_status_and_drain_reach_a_node_started_elsewhere(make_cluster):
