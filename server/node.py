@@ -583,7 +583,7 @@ class Node:
         ttl_s = self.config.node.drain_timeout_s + 10
         try:
             claimed, serving = await asyncio.wait_for(
-                self.store.claim_drain(self.name, others, ttl_s=ttl_s, force=force), 5
+                self.store.claim_drain(self.name, others, ttl_s=ttl_s, force=force), 3
             )
         except (StoreUnavailable, TimeoutError) as exc:
             if not force:
