@@ -7,7 +7,7 @@ RINGSIDE := $(BIN)/ringside --config $(CONFIG)
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run up down status kill pause drain add-node restart deploy test test-unit lint \
+.PHONY: install run up down stop status kill pause drain add-node restart deploy test test-unit lint \
 	loadtest loadtest-ui bench cpu-ab clean
 
 $(STAMP): pyproject.toml
@@ -27,6 +27,8 @@ up: $(STAMP)
 down: $(STAMP)
 	$(RINGSIDE) down
 
+stop: down
+
 status: $(STAMP)
 	$(RINGSIDE) status
 
@@ -39,8 +41,8 @@ pause: $(STAMP)
 	$(RINGSIDE) pause $(NODE) $(SECONDS)
 
 drain: $(STAMP)
-	@test -n "$(NODE)" || (echo "usage: make drain NODE=n2" && exit 2)
-	$(RINGSIDE) drain $(NODE)
+	@test -n "$(NODE)" || (echo "usage: make drain NODE=n2 [FORCE=1]" && exit 2)
+	$(RINGSIDE) drain $(if $(FORCE),--force) $(NODE)
 
 add-node: $(STAMP)
 	@test -n "$(NODE)" || (echo "usage: make add-node NODE=n4" && exit 2)

@@ -153,14 +153,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\nGateway: ws://{g.host}:{g.port}/ws   (admin: http://{g.host}:{g.port}/status)")
         print("Get a token:  .venv/bin/ringside token alice")
         print('Then send:    {"op": "hello", "token": "<token>"}')
+        print("Dashboard:    make dashboard   (prints its URL, with the admin token)")
         print("Ctrl-C stops the cluster (each node flushes its state first).\n")
+        reported: set[str] = set()
         while True:
             time.sleep(1)
-            dead = [n for n in cluster.process_names() if cluster.pid(n) is None]
-            if dead:
-                print(f"process(es) exited: {dead} (see {cluster.run_dir}/<name>.log)")
-                while any(cluster.pid(n) is None for n in dead):
-                    time.sleep(1)
+            stopped = {n for n in cluster.process_names() if cluster.pid(n) is None}
+            for name in sorted(stopped - reported):
+                if cluster.drained_file(name).exists():
+                    print(f"{name} drained and exited (`make restart NODE={name}` starts it again)")
+                else:
+                    print(
+                        f"{name} exited or was killed (see {cluster.log_file(name)}; "
+                        f"`make restart NODE={name}` starts it again)"
+                    )
+            reported = stopped
     except ClusterError as exc:
         print(f"ringside run: {exc}", file=sys.stderr)
         return_code = 1

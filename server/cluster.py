@@ -103,13 +103,21 @@ class LocalCluster:
 
     def process_names(self) -> list[str]:
         names = ["redis"] if self.config.redis.embedded else []
-        running_standbys = [n.name for n in self.config.nodes if n.standby and self.pid(n.name) is not None]
+        # A standby shows once started, and stays (as `drained`) once drained.
+        running_standbys = [
+            n.name
+            for n in self.config.nodes
+            if n.standby and (self.pid(n.name) is not None or self.drained_file(n.name).exists())
+        ]
         return names + self.config.node_names + running_standbys + ["gateway"]
 
     # -- start ------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str]) -> int:
         if self.pid(name) is not None:
-            raise ClusterError(f"{name} is already running (pid {self.pid(name)}); `make down` first")
+            raise ClusterError(
+                f"{name} is already running (pid {self.pid(name)}); `make status` shows whether it "
+                f"serves, `make restart NODE={name}` restarts it"
+            )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.drained_file(name).unlink(missing_ok=True)
         self.unflushed_file(name).unlink(missing_ok=True)
@@ -353,7 +361,8 @@ class LocalCluster:
         if not others and not force:
             raise ClusterError(
                 f"{name} is the last running node: drained, no node would serve (clients wait until "
-                f"one starts); `ringside drain --force {name}` does it anyway"
+                f"one starts); `make drain NODE={name} FORCE=1` (`ringside drain --force {name}`) does "
+                "it anyway"
             )
         started = time.monotonic()
         before = self.admin(name, "drain", query="force=1" if force else "")

@@ -235,7 +235,7 @@ class ClusterConfig:
         for node in self.nodes:
             if node.name == name:
                 return node
-        raise ConfigError(f"no node named {name!r} in the config (have {self.node_names})")
+        raise ConfigError(f"no node named {name!r} in the config (have {', '.join(self.all_node_names)})")
 
     @property
     def node_names(self) -> list[str]:

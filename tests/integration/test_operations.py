@@ -167,7 +167,7 @@ def test_restart_starts_a_killed_node_and_restarts_the_gateway(make_cluster):
 
 
 def test_status_tells_a_drained_node_from_a_dead_one(make_cluster):
-    cluster = make_cluster()
+    cluster = make_cluster(standby=1)
     local = cluster.local
 
     def status() -> tuple[int, dict[str, dict]]:
@@ -178,6 +178,11 @@ def test_status_tells_a_drained_node_from_a_dead_one(make_cluster):
     local.drain("n3")
     code, rows = status()
     assert code == 0 and rows["n3"]["drained"] is True and not rows["n3"]["running"]
+    assert "n4" not in rows  # a standby never started is not listed
+    local.add_node("n4")
+    local.drain("n4")
+    code, rows = status()
+    assert code == 0 and rows["n4"]["drained"] is True, rows  # ... one drained stays, as drained
     local.kill("n2")
     # Once the gateway has dropped n2 from its ring it is healthy again: only n2 is not.
     wait_until(
@@ -190,11 +195,11 @@ def test_status_tells_a_drained_node_from_a_dead_one(make_cluster):
     )
     code, rows = status()
     assert code == 1 and rows["n2"]["drained"] is False
-    assert all(row["healthy"] for name, row in rows.items() if name not in ("n2", "n3")), rows
+    assert all(row["healthy"] for name, row in rows.items() if name not in ("n2", "n3", "n4")), rows
     local.restart("n2")
     local.restart("n3")  # a drained node comes back with `restart` too
     code, rows = status()
-    assert code == 0 and all(row["healthy"] for row in rows.values()), rows
+    assert code == 0 and all(row["healthy"] for name, row in rows.items() if name != "n4"), rows
 
 
 def test_up_refuses_beside_a_running_cluster_or_a_foreign_redis_and_restart_redis(make_cluster, tmp_path):
