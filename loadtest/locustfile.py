@@ -31,9 +31,14 @@ pause or drain took). Its window is the requests sent from the start of its seco
 `chaos` row, `<action> <node>: longest stall`, carries the longest of them as its response
 time and their count as its content size, and fails, saying how many, if any of them
 failed: the HTML and CSV reports show it if the test runs on for window + timeout + ~6 s
-(21 s by default) after the event. The summary printed at the end says the same per event:
+(21 s by default) after the event. Neither `chaos` row counts in locust's `Aggregated`
+line (a 6 s pause is not a 6 s request). The summary printed at the end says the same per event:
 how many were sent, how many failed, the longest (and warns when the test ended too soon).
 With `--processes`, workers ship per-second buckets to the master with their stats reports.
+
+Refused at once, with a message and exit 1: a setting that is not a positive number, a
+chaos node the config does not have, a chaos second at or past `-t`, and a gateway that
+does not answer `/healthz`. A run in which planned chaos did not happen exits 1.
 """
 
 from __future__ import annotations
@@ -41,12 +46,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import os
 import random
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import gevent
 import orjson
@@ -54,21 +61,40 @@ import websocket  # websocket-client
 from gevent.event import AsyncResult
 from locust import User, constant_pacing, events, task
 from locust.runners import WORKER_REPORT_INTERVAL, LocalRunner, MasterRunner, WorkerRunner
+from locust.stats import StatsError
 
-from server.cluster import LocalCluster
-from server.config import load_config
+from server.cluster import LocalCluster, http_json
+from server.config import ConfigError, load_config
 from server.tokens import mint
 
 log = logging.getLogger("ringside.locust")
 
+
+def env_number(name: str, default: float, *, whole: bool = False) -> Any:
+    """A positive number from the environment; a usage error (not a traceback) otherwise."""
+    raw = os.environ.get(name) or ""
+    if not raw:
+        return default
+    try:
+        value = int(raw) if whole else float(raw)
+    except ValueError:
+        raise SystemExit(f"{name}: expected {'a whole' if whole else 'a'} number, got {raw!r}") from None
+    if not 0 < value < math.inf:
+        raise SystemExit(f"{name}: expected a positive number, got {raw!r}")
+    return value
+
+
 CONFIG_PATH = os.environ.get("RINGSIDE_CONFIG") or "configs/local.toml"
-CONFIG = load_config(CONFIG_PATH)
+try:
+    CONFIG = load_config(CONFIG_PATH)
+except ConfigError as err:
+    raise SystemExit(f"RINGSIDE_CONFIG: {err}") from None
 URL = os.environ.get("RINGSIDE_URL") or f"ws://{CONFIG.gateway.host}:{CONFIG.gateway.port}/ws"
-RATE = float(os.environ.get("RINGSIDE_RATE") or 10)
-GAME_SIZE = max(1, int(os.environ.get("RINGSIDE_GAME_SIZE") or 8))
-TIMEOUT_S = float(os.environ.get("RINGSIDE_TIMEOUT_S") or 10)
-PAUSE_S = float(os.environ.get("RINGSIDE_PAUSE_S") or 6)
-STALL_WINDOW_S = float(os.environ.get("RINGSIDE_STALL_WINDOW_S") or 5)
+RATE = env_number("RINGSIDE_RATE", 10.0)
+GAME_SIZE = env_number("RINGSIDE_GAME_SIZE", 8, whole=True)
+TIMEOUT_S = env_number("RINGSIDE_TIMEOUT_S", 10.0)
+PAUSE_S = env_number("RINGSIDE_PAUSE_S", 6.0)
+STALL_WINDOW_S = env_number("RINGSIDE_STALL_WINDOW_S", 5.0)
 CHAOS = os.environ.get("RINGSIDE_CHAOS") or ""
 SCORE_EVERY_S = 2.0
 CHAT_EVERY_S = 5.0
@@ -361,12 +387,19 @@ def parse_chaos(spec: str) -> list[tuple[str, str, float]]:
         try:
             action, rest = part.split(":", 1)
             node, at = rest.split("@", 1)
-            if action not in ("kill", "pause", "drain"):
+            if action not in ("kill", "pause", "drain") or not 0 <= float(at) < math.inf:
                 raise ValueError(action)
             out.append((action, node, float(at)))
         except ValueError:
             raise SystemExit(  # noqa: B904 - a usage error, not a chained one
                 f"RINGSIDE_CHAOS: cannot parse {part!r}; expected kill|pause|drain:NODE@SECONDS"
+            )
+        # What LocalCluster.kill/pause accept (`_check_process_name`); drain takes nodes only.
+        known = CONFIG.all_node_names + ([] if action == "drain" else ["gateway", "redis"])
+        if node not in known:
+            raise SystemExit(
+                f"RINGSIDE_CHAOS: {part!r}: no process named {node!r} to {action} in {CONFIG_PATH} "
+                f"(have {', '.join(known)})"
             )
     return out
 
@@ -374,7 +407,7 @@ def parse_chaos(spec: str) -> list[tuple[str, str, float]]:
 CHAOS_PLAN = parse_chaos(CHAOS)
 
 
-def _chaos(action: str, node: str, at: float, t0: float, distributed: bool) -> None:
+def _chaos(environment: Any, action: str, node: str, at: float, t0: float) -> None:
     gevent.sleep(max(0.0, t0 + at - time.time()))
     cluster = LocalCluster(CONFIG, CONFIG_PATH, progress=lambda msg: log.info(msg))
     wall = time.time()
@@ -383,7 +416,7 @@ def _chaos(action: str, node: str, at: float, t0: float, distributed: bool) -> N
         "node": node,
         "at_s": at,
         "wall": wall,
-        "settle_s": _settle_s(wall, distributed),
+        "settle_s": _settle_s(wall, isinstance(environment.runner, MasterRunner)),
     }
     _chaos_log.append(entry)
     print(f"[chaos] {action} {node} at t={time.time() - t0:.1f}s", file=sys.stderr, flush=True)
@@ -409,16 +442,20 @@ def _chaos(action: str, node: str, at: float, t0: float, distributed: bool) -> N
         print(f"[chaos] {action} {node} FAILED: {err}", file=sys.stderr, flush=True)
         log.error("chaos %s %s failed: %s", action, node, err)
     entry["took_s"] = time.perf_counter() - started
-    events.request.fire(
-        request_type="chaos",
-        name=f"{action} {node}",
-        response_time=entry["took_s"] * 1000,
-        response_length=0,
-        exception=exc,
-        context={},
-    )
+    _log_chaos(environment, f"{action} {node}", entry["took_s"] * 1000, 0, exc)
     gevent.sleep(max(0.0, entry["wall"] + entry["settle_s"] - time.time()))
-    _fire_stall(entry)
+    _fire_stall(environment, entry)
+
+
+def _log_chaos(environment: Any, name: str, ms: float, size: int, exc: Exception | None) -> None:
+    """A `chaos` row, logged as `events.request` would but left out of `stats.total`: the
+    "Aggregated" line counts the clients' requests only (a 6 s pause is not a 6 s request)."""
+    stats = environment.stats
+    stats.get(name, "chaos").log(ms, size)
+    if exc is not None:
+        stats.get(name, "chaos").log_error(exc)
+        key = StatsError.create_key("chaos", name, exc)
+        stats.errors.setdefault(key, StatsError("chaos", name, exc)).occurred()
 
 
 def _settle_s(wall: float, distributed: bool) -> float:
@@ -447,31 +484,66 @@ def _chaos_window(entry: dict[str, Any]) -> tuple[int, int, float]:
     )
 
 
-def _fire_stall(entry: dict[str, Any]) -> None:
+def _fire_stall(environment: Any, entry: dict[str, Any]) -> None:
     """The window's longest request as a `chaos` row of its own, so that the HTML and CSV
     reports show the stall (and as a failure, how many requests in the window failed)."""
     if entry.get("stall_reported"):
         return
     entry["stall_reported"] = True
     sent, failed, worst = _chaos_window(entry)
-    events.request.fire(
-        request_type="chaos",
-        name=f"{entry['action']} {entry['node']}: longest stall",
-        response_time=worst,
-        response_length=sent,
-        exception=RingsideError(f"{failed} of {sent} requests failed") if failed else None,
-        context={},
+    _log_chaos(
+        environment,
+        f"{entry['action']} {entry['node']}: longest stall",
+        worst,
+        sent,
+        RingsideError(f"{failed} of {sent} requests failed") if failed else None,
     )
+
+
+@events.init.add_listener
+def _on_init(environment: Any, **_: Any) -> None:
+    """Refuse at once, before a user spawns, what would otherwise fail only later or all the
+    run long."""
+    if isinstance(environment.runner, WorkerRunner):
+        return
+    run_time = getattr(environment.parsed_options, "run_time", None)
+    for action, node, at in CHAOS_PLAN:
+        if run_time and at >= run_time:
+            _refuse(
+                environment,
+                f"RINGSIDE_CHAOS: {action} {node}@{at:g} would never happen: the test runs {run_time}s (-t)",
+            )
+    url = urlsplit(URL)
+    where = f"{url.hostname}:{url.port or (443 if url.scheme == 'wss' else 80)}"
+    scheme = "https" if url.scheme == "wss" else "http"
+    if http_json(f"{scheme}://{where}/healthz", timeout=2.0)[0] == 0:
+        _refuse(
+            environment,
+            f"the gateway at {where} does not answer; is the cluster up (`make up` or `make run`)?",
+        )
+
+
+def _refuse(environment: Any, message: str) -> NoReturn:
+    """Exit with `message`. SystemExit: locust logs any other exception from a listener with a
+    traceback. A master first tells its workers (those of --processes connect within a second)
+    to quit: else they wait a minute for it, and `--processes` waits for them."""
+    runner = environment.runner
+    if isinstance(runner, MasterRunner):
+        expected = getattr(environment.parsed_options, "expect_workers", 1)
+        deadline = time.monotonic() + 5
+        while len(runner.clients.ready) < expected and time.monotonic() < deadline:
+            gevent.sleep(0.1)
+        runner.quit()
+    raise SystemExit(message)
 
 
 @events.test_start.add_listener
 def _on_test_start(environment: Any, **_: Any) -> None:
-    runner = environment.runner
-    if isinstance(runner, WorkerRunner) or not CHAOS_PLAN:
+    if isinstance(environment.runner, WorkerRunner) or not CHAOS_PLAN:
         return
     t0 = time.time()
     for action, node, at in CHAOS_PLAN:
-        gevent.spawn(_chaos, action, node, at, t0, isinstance(runner, MasterRunner))
+        gevent.spawn(_chaos, environment, action, node, at, t0)
 
 
 @events.report_to_master.add_listener
@@ -531,7 +603,7 @@ def _print_summary(environment: Any) -> None:
     for entry in _chaos_log:
         if not entry.get("stall_reported"):  # the test ended before its window settled
             entry["stall_late"] = True
-            _fire_stall(entry)
+            _fire_stall(environment, entry)
     clients = [e for (_, kind), e in environment.stats.entries.items() if kind != "chaos"]
     requests = sum(e.num_requests for e in clients)
     failures = sum(e.num_failures for e in clients)
@@ -542,8 +614,11 @@ def _print_summary(environment: Any) -> None:
         f"{_others_pushes}, ticks skipped at the in-flight bound ({MAX_IN_FLIGHT}) {_skipped}",
     ]
     lines += ["  " + line for line in chaos_summary()]
-    if CHAOS_PLAN and not _chaos_log:
-        lines.append("  chaos was planned but did not run (test ended before its second?)")
+    ran = [(e["action"], e["node"], e["at_s"]) for e in _chaos_log]
+    for action, node, at in (planned for planned in CHAOS_PLAN if planned not in ran):
+        lines.append(
+            f"  chaos {action} {node} @{at:g}s was planned but did not run (the test ended before it)"
+        )
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
@@ -558,3 +633,6 @@ def _on_test_stop(environment: Any, **_: Any) -> None:
 def _on_quitting(environment: Any, **_: Any) -> None:
     if isinstance(environment.runner, MasterRunner):
         _print_summary(environment)
+    # Here, not at test_stop: on SIGTERM locust picks the exit code before it stops the runner.
+    if not isinstance(environment.runner, WorkerRunner) and len(_chaos_log) < len(CHAOS_PLAN):
+        environment.process_exit_code = 1
