@@ -280,14 +280,15 @@ def test_an_activation_whose_caller_gave_up_takes_no_epoch(rds):
 
 def test_drain_claims_leave_one_node_serving_until_they_expire_or_are_cleared(rds):
     async def scenario(store):
-        # n1 claims first; n2, whose gossip view still counts n1 as serving, is refused.
+        # Each drainer's gossip view still counts the others as serving; the claims do not:
+        # n1 and n2 go (n3 still serves), n3 is refused unless forced.
         assert await store.claim_drain("n1", ["n2", "n3"], ttl_s=30, force=False) == (True, ["n2", "n3"])
         assert await store.claim_drain("n2", ["n1", "n3"], ttl_s=30, force=False) == (True, ["n3"])
         assert await store.claim_drain("n3", ["n1", "n2"], ttl_s=30, force=False) == (False, [])
         assert await store.claim_drain("n3", ["n1", "n2"], ttl_s=30, force=True) == (True, [])
         await store.clear_drain_claim("n1")  # n1 started again
         assert await store.claim_drain("n4", ["n1", "n2"], ttl_s=0.2, force=False) == (True, ["n1"])
-        await asyncio.sleep(0.3)  # n4's claim expired: it counts as serving again
+        await asyncio.sleep(0.3)  # past n4's claim (0.2 s on Redis's clock): it serves again
         assert await store.claim_drain("n2", ["n4"], ttl_s=30, force=False) == (True, ["n4"])
 
     on_store(rds.url, scenario)
