@@ -211,9 +211,14 @@ def test_chaos_that_did_not_run_fails_the_run(scratch_cluster: Path, tmp_path: P
     )
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(4)
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:  # stopped once its users run, well before the 15th second
+            seen.append(line)
+            if "All users spawned" in line:
+                break
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=30)
+        stderr = "".join(seen) + proc.communicate(timeout=30)[1]
     finally:
         if proc.poll() is None:
             proc.kill()
