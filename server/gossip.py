@@ -112,6 +112,10 @@ class GossipEndpoint:
     # -- lifecycle ------------------------------------------------------------------------
 
     @property
+    def started(self) -> bool:
+        return self._swim is not None
+
+    @property
     def swim(self) -> Swim:
         if self._swim is None:
             raise RuntimeError("endpoint not started")

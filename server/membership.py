@@ -119,13 +119,16 @@ class Membership:
             self._on_ring_change(ring)
 
     def status(self) -> dict[str, Any]:
-        swim = self.endpoint.swim
+        # The admin server answers from before gossip starts (the node's first Redis call).
+        swim = self.endpoint.swim if self.endpoint.started else None
+        members = list(swim.members.values()) if swim else []
         return {
-            "incarnation": swim.incarnation,
-            "checksum": swim.checksum(),
-            "local_health": swim.local_health,
-            "members": {m.name: m.state.value for m in swim.members.values()},
-            "draining": sorted(m.name for m in swim.members.values() if m.meta.get("draining")),
+            "state": "gossiping" if swim else "starting",
+            "incarnation": swim.incarnation if swim else 0,
+            "checksum": swim.checksum() if swim else "",
+            "local_health": swim.local_health if swim else 0,
+            "members": {m.name: m.state.value for m in members},
+            "draining": sorted(m.name for m in members if m.meta.get("draining")),
             "ring": {n: round(s, 4) for n, s in self.ring.share().items()},
             "gossip_dropped": self.endpoint.dropped,
             "self_faulty": self.self_faulty_total,

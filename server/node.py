@@ -745,6 +745,10 @@ class Node:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
+        try:  # serving again after a drain: that drain's claim must not hold back others'
+            await asyncio.wait_for(self.store.clear_drain_claim(self.name), 2)
+        except (StoreUnavailable, TimeoutError) as exc:
+            log.warning("could not clear an earlier drain claim", extra={"error": str(exc) or "timeout"})
         link_server = await loop.create_server(
             self._new_link, self.address.host, self.address.link_port, reuse_address=True
         )
@@ -763,10 +767,6 @@ class Node:
             admin_token=self.config.admin_token,
         )
         admin = await serve(_no_websocket, self.address.host, self.address.admin_port, process_request=routes)
-        try:  # serving again after a drain: that drain's claim must not hold back others'
-            await asyncio.wait_for(self.store.clear_drain_claim(self.name), 2)
-        except (StoreUnavailable, TimeoutError) as exc:
-            log.warning("could not clear an earlier drain claim", extra={"error": str(exc) or "timeout"})
         await self.membership.start()
         background = [
             loop.create_task(self.persister.run()),

@@ -126,3 +126,14 @@ def test_graceful_leave_and_event_stream() -> None:
 
 def test_bad_packets_are_dropped_and_foreign_key_cannot_join() -> None:
     asyncio.run(_bad_packets_dropped_and_foreign_key_cannot_join())
+
+
+def test_membership_status_answers_before_gossip_starts() -> None:
+    """A process's admin server answers /status from before its gossip endpoint starts; that
+    must not be a 500."""
+    from server.config import ClusterConfig
+    from server.membership import Membership
+
+    membership = Membership(ClusterConfig(), name="n1", host="127.0.0.1", port=1, meta={"role": "node"})
+    status = membership.status()
+    assert status["state"] == "starting" and status["members"] == {} and status["ring"] == {}
