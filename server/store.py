@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import hiredis
@@ -83,6 +83,14 @@ ACTIVATION_CHUNK = 512  # activations per pipeline
 
 class StoreUnavailable(Exception):
     """Redis did not answer or failed; the caller keeps its state and retries."""
+
+
+@contextlib.contextmanager
+def _redis_errors_as_unavailable() -> Iterator[None]:
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise StoreUnavailable(str(exc)) from exc
 
 
 class Write(NamedTuple):  # one per actor per flush: a tuple is cheaper than a dataclass
@@ -199,50 +207,38 @@ class Store:
                 future.set_result((int(results[2 * i]), results[2 * i + 1]))
 
     async def is_revoked(self, token_id: str) -> bool:
-        try:
+        with _redis_errors_as_unavailable():
             return bool(await self._redis.exists(revoked_key(token_id)))
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
 
     async def revoke(self, token_id: str, ttl_s: int) -> None:
-        try:
+        with _redis_errors_as_unavailable():
             await self._redis.set(revoked_key(token_id), b"1", ex=max(1, ttl_s))
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
 
     async def claim_drain(
         self, node: str, others: Sequence[str], *, ttl_s: float, force: bool
     ) -> tuple[bool, list[str]]:
         """Claim `node`'s drain unless no other node would be left serving; returns (claimed,
         the `others` with no drain claim of their own). Raises StoreUnavailable."""
-        try:
+        with _redis_errors_as_unavailable():
             result = await self._redis.eval(  # type: ignore[misc]
                 DRAIN_CLAIM_SCRIPT, 1, DRAIN_CLAIMS_KEY, node, int(ttl_s * 1000), int(force), *others
             )
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
         return result[0] == 1, [n.decode() for n in result[1:]]
 
     async def clear_drain_claim(self, node: str) -> None:
         """A node that starts serves: any claim from an earlier drain of it is void."""
-        try:
+        with _redis_errors_as_unavailable():
             await self._redis.hdel(DRAIN_CLAIMS_KEY, node)  # type: ignore[misc]
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
 
     async def current_epoch(self, actor: str) -> int:
-        try:
+        with _redis_errors_as_unavailable():
             value = await self._redis.get(epoch_key(actor))
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
         return int(value or 0)
 
     async def load(self, actor: str) -> bytes | None:
-        try:
+        with _redis_errors_as_unavailable():
             blob: bytes | None = await self._redis.get(state_key(actor))  # type: ignore[assignment]
             return blob
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
 
     async def write_batch(self, writes: Sequence[Write]) -> list[bool]:
         """Fenced writes in one pipelined round trip; False where the epoch was stale.
