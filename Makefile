@@ -7,6 +7,16 @@ RINGSIDE := $(BIN)/ringside --config $(CONFIG)
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
+# A misspelt variable (`USER=20` for `USERS=20`) would be ignored without a word: refuse it.
+# Settings the programs read from the environment (RINGSIDE_*, REDIS_URL, LOG_*) pass on.
+MAKE_VARS := PYTHON CONFIG PYTEST_ARGS NODE SECONDS FORCE GATEWAY USERS RATE DURATION SPAWN CHAOS \
+	PROCESSES BENCH_ARGS BASE
+GIVEN_VARS := $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))
+UNKNOWN_VARS := $(filter-out $(MAKE_VARS) REDIS_URL LOG_LEVEL LOG_FORMAT RINGSIDE_%,$(GIVEN_VARS))
+ifneq ($(strip $(UNKNOWN_VARS)),)
+$(error unknown variable $(UNKNOWN_VARS) (a typo?): this Makefile reads $(MAKE_VARS), and passes RINGSIDE_*, REDIS_URL, LOG_LEVEL and LOG_FORMAT to the programs)
+endif
+
 .PHONY: install run up down stop status kill pause drain add-node restart deploy test test-unit lint \
 	loadtest loadtest-ui bench cpu-ab clean
 

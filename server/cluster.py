@@ -136,7 +136,10 @@ class LocalCluster:
         return proc.pid
 
     def _ringside(self, *args: str) -> list[str]:
-        argv = [sys.executable, "-m", "server.cli"]
+        # Through the installed `ringside` script where there is one, so that `ps` and
+        # `pgrep -f ringside` show every process of the cluster.
+        script = Path(sys.executable).with_name("ringside")
+        argv = [sys.executable, str(script)] if script.is_file() else [sys.executable, "-m", "server.cli"]
         if self.config_path:
             argv += ["--config", str(Path(self.config_path).resolve())]
         return argv + list(args)
@@ -234,6 +237,9 @@ class LocalCluster:
                 self._wait(name, self._answers(name), 20)
                 self.progress(f"  {name} up ({self.admin_url(name)})")
             self.start_gateway()
+            # Each process starts knowing only itself: until gossip has joined them, a node
+            # owns the whole ring in its own view and would refuse a drain as the last one.
+            self._wait("gateway", lambda: self._converged(self.config.node_names), 20)
         except BaseException:
             self.stop(*reversed(self.spawned[first:]))  # only what this call started
             raise
@@ -403,6 +409,17 @@ class LocalCluster:
             and name in membership.get("ring", {})
             and status.get("links", {}).get(name) is True
         )
+
+    def _converged(self, nodes: list[str]) -> bool:
+        """Whether the gateway routes to every one of `nodes` and each sees the others alive."""
+        if not all(self._routes_to(n) for n in nodes):
+            return False
+        for name in nodes:
+            code, status = http_json(self.admin_url(name) + "/status")
+            members = status.get("membership", {}).get("members", {}) if code == 200 else {}
+            if any(members.get(other) != "alive" for other in nodes):
+                return False
+        return True
 
     def wait_in_ring(self, name: str, timeout: float = 20.0) -> None:
         """Wait until the gateway sees `name` alive and routes to it."""

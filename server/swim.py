@@ -121,7 +121,7 @@ class SwimConfig:
     # A leaving member gossips LEAVING this long, then LEFT.
     leave_linger: float = 0.3
     # With no live peer known, contact the seeds again this often.
-    join_retry_interval: float = 1.0
+    join_retry_interval: float = 0.25
     # A gap between two ticks longer than this means our own process was stalled (GC,
     # SIGSTOP, VM pause): deadlines are shifted instead of blaming peers for our silence.
     pause_threshold: float = 1.0

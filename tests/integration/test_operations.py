@@ -42,6 +42,11 @@ def test_drain_add_node_and_rolling_restart_under_load(make_cluster, handoff):
     cluster = make_cluster(standby=1, extra=f'[node]\nhandoff = "{handoff}"')
     local = cluster.local
     scores: dict[str, int] = {}
+    # `up` returns once gossip has joined them: a node that knew only itself owned the
+    # whole ring and refused the drain below as the last one serving.
+    for name in ("n1", "n2", "n3"):
+        members = cluster.node_status(name)["membership"]["members"]
+        assert all(members.get(n) == "alive" for n in ("n1", "n2", "n3")), (name, members)
 
     async def main():
         load = IncrementLoad(cluster.url, {p: cluster.token(p) for p in PLAYERS})

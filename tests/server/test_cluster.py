@@ -1,3 +1,4 @@
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,13 @@ def test_kill_and_pause_name_an_unknown_process(tmp_path: Path) -> None:
         cluster.pause("n9", 1.0)
     with pytest.raises(ClusterError, match="n2 is not running"):
         cluster.kill("n2")
+
+
+def test_make_refuses_a_misspelt_variable() -> None:
+    """`make loadtest USER=20` (for USERS) ran with the default 200 users, without a word."""
+    root = Path(__file__).resolve().parents[2]
+    typo = subprocess.run(["make", "-n", "status", "USER=20"], cwd=root, capture_output=True, text=True)
+    assert typo.returncode != 0 and "unknown variable USER (a typo?)" in typo.stderr, typo.stderr
+    known = ["USERS=20", "NODE=n2", "REDIS_URL=redis://x", "LOG_LEVEL=debug", "RINGSIDE_NODE_HANDOFF=redis"]
+    fine = subprocess.run(["make", "-n", "status", *known], cwd=root, capture_output=True, text=True)
+    assert fine.returncode == 0, fine.stderr
