@@ -62,6 +62,12 @@ class NodeSettings:
     game_max_action_bytes: int = 512
     game_empty_close_s: float = 60.0
     game_max_duration_s: float = 3600.0
+    # A game gone quiet sends its last event to its players again this long after it, then
+    # twice and four times as long after that (game_announces in all): a push that a copy of
+    # a player's actor on a node whose ring lagged took in its place shows as a gap the
+    # player fills, even when it was the game's last. 0 turns it off.
+    game_announce_s: float = 1.0
+    game_announces: int = 3
     max_link_frame_bytes: int = 1 << 20  # node-link frame bound
     link_write_buffer_bytes: int = 4 << 20  # pause reading a link while its peer is this far behind
     # Links between processes on one host (gateway to node, node to node) go over a Unix
@@ -89,6 +95,10 @@ class NodeSettings:
     # (decision 11). Never from a member declared faulty. 0 turns pulls off.
     migration_pull_s: float = 10.0
     migration_pull_timeout_s: float = 0.5  # then the actor loads from Redis
+    # For this long after its ring changes, a node asks Redis for a game's epoch before a
+    # read (`game.get`, `game.events`): while the change spreads, another node may have
+    # taken the game over and written events this copy lacks (decision 34). 0: never.
+    ring_settle_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)

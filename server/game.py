@@ -67,6 +67,7 @@ class GameState:
         "applied",
         "ends_at",
         "empty_since",
+        "announce",
     )
 
     def __init__(self, game_id: str, log_size: int) -> None:
@@ -82,6 +83,9 @@ class GameState:
         self.applied: dict[str, tuple[int, int]] = {}  # sender -> (sender seq, event seq)
         self.ends_at: float | None = None  # wall-clock deadlines survive reactivation
         self.empty_since: float | None = None
+        # Not stored: when to send the last published event again, how many times it was
+        # sent, and the event (server/messaging.py).
+        self.announce: tuple[float, int, Event] | None = None
 
     # -- persistence ------------------------------------------------------
     def to_blob(self) -> bytes:

@@ -49,6 +49,7 @@ class Membership:
             on_event=self._on_event,
         )
         self.ring = HashRing([])
+        self.ring_changed_at = 0.0  # time.monotonic() of the last change
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self.self_faulty_total = 0
         self.left = False
@@ -115,6 +116,7 @@ class Membership:
         ring = HashRing(self.live_nodes())
         if ring != self.ring:
             self.ring = ring
+            self.ring_changed_at = time.monotonic()
             log.info("ring changed", extra={"members": list(ring.members)})
             self._on_ring_change(ring)
 

@@ -30,7 +30,7 @@ from server.errors import ActorMoved, BadRequest, Overloaded, RingsideError, Una
 from server.game import Event, GameLimits, GameState
 from server.link import Link
 from server.membership import Membership
-from server.migration import ADOPT_OP, PULL_OP, Migrator
+from server.migration import ADOPT_OP, PULL_OP, RELEASED_OP, Migrator
 from server.peers import PeerLost, Peers
 from server.persister import Persister
 from server.player import Request
@@ -182,9 +182,16 @@ class Messaging:
                 self._spawn(self._peers.send(error.node, message))  # a send follows its actor
 
         try:
-            self._runtime.deliver(message["to"], work, fail)
+            if message["op"] in GAME_READS and self._ring_settling():
+                # The copy here may be stale: the runtime checks its epoch first.
+                self._runtime.deliver_current(message["to"], work, fail)
+            else:
+                self._runtime.deliver(message["to"], work, fail)
         except RingsideError as exc:
             fail(exc)
+
+    def _ring_settling(self) -> bool:
+        return time.monotonic() - self._membership.ring_changed_at < self.settings.ring_settle_s
 
     def send(self, key: str, op: str, args: dict[str, Any]) -> None:
         """One-way effect to actor `key`; lost sends are repaired by the receiver's gap fill."""
@@ -194,6 +201,24 @@ class Messaging:
             self._deliver(message, None)
         else:
             self._spawn(self._peers.send(owner, message))
+
+    def tell_released(self, released: list[tuple[str, int, bool]]) -> None:
+        """We let these actors go (key, our epoch, whether a timer ran): tell each one's
+        owner, which drops a copy it holds from an older epoch (for a moment two nodes each
+        thought they owned it; that copy has not written since to find out it is stale, and
+        would answer reads from old state), then wakes the games among them, whose
+        deadlines must keep running."""
+        by_owner: dict[str, tuple[dict[str, int], list[str]]] = {}
+        for key, epoch, timed in released:
+            actors, wake = by_owner.setdefault(self.owner(key), ({}, []))
+            actors[key] = epoch
+            if timed:
+                wake.append(key)
+        for owner, (actors, wake) in by_owner.items():
+            if owner != self.name:
+                args = {"actors": actors, "wake": wake}
+                message = {"to": "node", "op": RELEASED_OP, "from": self.name, "args": args}
+                self._spawn(self._peers.send(owner, message))
 
     def on_peer_frame(self, link: Link, frame: Frame) -> None:
         """An ACTOR_CALL or ACTOR_SEND arrived from a peer."""
@@ -239,6 +264,13 @@ class Messaging:
 
         if op == ADOPT_OP:
             answer(_ok({"adopted": self._migrator.adopt(actors, sender)}))
+        elif op == RELEASED_OP and isinstance(actors, dict):
+            for key, epoch in actors.items():
+                if isinstance(key, str) and isinstance(epoch, int):
+                    self._runtime.drop_older(key, epoch)
+            for key in message["args"].get("wake", ()):
+                if isinstance(key, str) and key.startswith("game:"):
+                    self.send(key, "game.wake", {})
         elif op == PULL_OP and isinstance(actors, list) and sender:
 
             async def give() -> None:
@@ -327,11 +359,12 @@ class Messaging:
             if ok:
                 on_durable()
                 self._publish(game, events)
+                self._announce_later(act, events[-1])
             else:
                 on_refused()
 
         act.wait_durable(durable)
-        self._runtime.set_timer(act, game.next_deadline(self.limits), self._on_game_timer)
+        self._arm_game_timer(act)
 
     def _publish(self, game: GameState, events: list[Event]) -> None:
         recipients = dict.fromkeys(game.players)
@@ -342,22 +375,45 @@ class Messaging:
         for player in recipients:
             self.send(f"player:{player}", "game.events.push", {"events": batch})
 
+    def _announce_later(self, act: Activation, event: Event) -> None:
+        """Send `event`, just published, again once the game has been quiet a while: a push
+        can be lost in a move, and the gap it leaves shows only when a later one arrives."""
+        if self.settings.game_announce_s > 0 and self.settings.game_announces > 0:
+            game: GameState = act.data
+            game.announce = (time.time() + self.settings.game_announce_s, 0, event)
+            self._arm_game_timer(act)
+
+    def _arm_game_timer(self, act: Activation) -> None:
+        game: GameState = act.data
+        at = game.next_deadline(self.limits)
+        if game.announce is not None and (at is None or game.announce[0] < at):
+            at = game.announce[0]
+        self._runtime.set_timer(act, at, self._on_game_timer)
+
     def _on_game_timer(self, act: Activation) -> None:
         game: GameState = act.data
-        events = game.on_timer(time.time(), self.limits)
+        now = time.time()
+        if game.announce is not None and now >= game.announce[0]:
+            _, sent, event = game.announce
+            self._publish(game, [event])
+            sent += 1
+            more = sent < self.settings.game_announces
+            game.announce = (now + self.settings.game_announce_s * 2**sent, sent, event) if more else None
+        events = game.on_timer(now, self.limits)
         if events:
             self._commit(act, events, lambda: None, lambda: None)
         else:
-            self._runtime.set_timer(act, game.next_deadline(self.limits), self._on_game_timer)
+            self._arm_game_timer(act)
 
     def on_activated(self, act: Activation) -> None:
         if act.key.startswith("game:"):
             game: GameState = act.data
-            self._runtime.set_timer(act, game.next_deadline(self.limits), self._on_game_timer)
+            self._arm_game_timer(act)
             if game.log:
                 # Our previous activation may have died between the write and the pushes:
                 # announce the latest event; a player that missed anything fills its gap.
                 self._publish(game, [game.log[-1]])
+                self._announce_later(act, game.log[-1])
         else:
             for game_id in list(act.player.games):
                 self._runtime.deliver(act.key, self._sync_work(game_id), lambda error: None)

@@ -35,6 +35,7 @@ log = logging.getLogger("ringside.migration")
 
 ADOPT_OP = "actors.adopt"  # the node-addressed message carrying handed-over states
 PULL_OP = "actors.pull"  # a node that just joined asks a key's previous owner to hand it over
+RELEASED_OP = "actors.released"  # written and let go under these epochs: older copies are stale
 WAVE = 256  # actors frozen at a time: the first waves (sessions' actors) pause the least
 
 

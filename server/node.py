@@ -545,17 +545,18 @@ class Node:
         deadline = time.monotonic() + timeout
         while any(self.wb.is_dirty(k) for k in keys) and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
-        handed = 0
+        released: list[tuple[str, int, bool]] = []
         for i, key in enumerate(keys):
             if i % 256 == 255:
                 await asyncio.sleep(0)  # thousands of actors: keep serving meanwhile
             act = self.runtime.actors.get(key)
-            timed = act is not None and act.timer is not None
-            if key not in self.sessions_by_actor and moving(key) and self.runtime.passivate(key):
-                handed += 1
-                if timed:
-                    # Its deadline must keep running: wake it on its new owner.
-                    self.messaging.send(key, "game.wake", {})
+            if act is None or key in self.sessions_by_actor or not moving(key):
+                continue
+            epoch, timed = act.epoch, act.timer is not None
+            if self.runtime.passivate(key):
+                released.append((key, epoch, timed))
+        self.messaging.tell_released(released)
+        handed = len(released)
         self.handoffs_total += handed + migrated
         log.info(
             "handed off actors",
@@ -657,9 +658,9 @@ class Node:
         await leaving
         handed = len(self.runtime)
         unflushed = len(self.wb)  # past the deadline with Redis away: the gateway replays them
-        for key, act in list(self.runtime.actors.items()):
-            if act.timer is not None:  # a game's deadline must keep running on its new owner
-                self.messaging.send(key, "game.wake", {})
+        self.messaging.tell_released(
+            [(key, act.epoch, act.timer is not None) for key, act in self.runtime.actors.items()]
+        )
         await self.messaging.settle(timeout=1.0)
         self.runtime.drop_all()
         self.handoffs_total += handed + migrated

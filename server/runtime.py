@@ -191,11 +191,20 @@ class ActorRuntime:
         """Like `deliver`, but first make sure an existing activation still holds the
         current epoch: a session that moves back to this node must not meet the state
         it left behind here."""
-        act = self.actors.get(key)
-        if act is None or act.state is not ActorState.ACTIVE or key in self._adopted_unattached:
+        if key in self._adopted_unattached:
             # A state adopted by live migration holds the epoch its old owner just took
             # for us: current, no need to ask Redis.
             self._adopted_unattached.discard(key)
+            self.deliver(key, work, fail)
+            return
+        self.deliver_current(key, work, fail)
+
+    def deliver_current(self, key: str, work: Work, fail: Fail) -> None:
+        """Like `deliver`, but an existing activation's epoch is checked in Redis first:
+        one that another node has overtaken since is dropped, and `work` runs on a fresh
+        load. One Redis round trip."""
+        act = self.actors.get(key)
+        if act is None or act.state is not ActorState.ACTIVE:
             self.deliver(key, work, fail)
             return
         act.pending.append((work, fail))
@@ -362,6 +371,8 @@ class ActorRuntime:
         if self._recent_epochs.get(key, 0) >= epoch:
             return False  # a stale hand-over: we held a newer epoch since
         act = self.actors.get(key)
+        if act is not None and self.drop_older(key, epoch):
+            act = None
         if act is not None:
             if act.state is not ActorState.ACTIVATING or act in self._loading:
                 return False
@@ -381,6 +392,20 @@ class ActorRuntime:
         self.adopted_total += 1
         self._on_activated(act)
         self._drain(act)
+        return True
+
+    def drop_older(self, key: str, epoch: int) -> bool:
+        """Another node held `key` under `epoch` (a hand-over, or a state it wrote and let
+        go): an idle activation of ours from an older epoch is stale, though it may not
+        have written since to find out, and would answer reads from what it holds. Drop it
+        unwritten; a busy one finds out with its next write."""
+        act = self.actors.get(key)
+        if act is None or act.state is not ActorState.ACTIVE or act.busy or act.epoch >= epoch:
+            return False
+        self.stale_total += 1
+        extra = {"actor": key, "epoch": act.epoch, "newer": epoch}
+        log.warning("older than its epoch elsewhere; deactivating", extra=extra)
+        self._deactivate(act, stale=True)
         return True
 
     def drop_stale(self, key: str) -> None:

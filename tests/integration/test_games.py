@@ -84,7 +84,11 @@ async def check_streams(clients, game, received, timeout=15.0):
             drain_events(c, received[c.player])
         return all(game_seqs(received[c.player], game)[-1:] == [final] for c in clients)
 
-    await await_until(caught_up, timeout, "every client sees the game's last event")
+    try:
+        await await_until(caught_up, timeout, "every client sees the game's last event")
+    except AssertionError as exc:
+        seen = {c.player: game_seqs(received[c.player], game)[-3:] for c in clients}
+        raise AssertionError(f"{exc}: game.get says {final}; the clients' last: {seen}") from None
     for c in clients:
         seqs = game_seqs(received[c.player], game)
         assert seqs == list(range(seqs[0], final + 1)), f"{c.player}: gap or duplicate in {seqs}"

@@ -53,13 +53,46 @@ def test_adopt_activates_without_the_store_and_refuses_a_second_copy():
         assert runtime.adopt("player:a", 7, blob(5, 3))
         act = runtime.actors["player:a"]
         assert (act.state, act.epoch, act.player.xp, act.flushed_seq) == (ActorState.ACTIVE, 7, 5, 3)
-        assert not runtime.adopt("player:a", 9, blob(1, 1)), "the copy here is kept"
+        assert not runtime.adopt("player:a", 6, blob(1, 1)), "the newer copy here is kept"
+        assert not runtime.adopt("player:a", 7, blob(1, 1)), "so is one of the same epoch"
+        assert runtime.actors["player:a"] is act and act.player.xp == 5
         ran: list[int] = []
         runtime.attach("player:a", lambda act: ran.append(act.epoch), lambda error: None)
         assert ran == [7], "the first attach of an adopted actor does not ask Redis"
         runtime.adopt("player:b", 1, blob(0, 0))
         runtime.adopt("player:c", 1, blob(0, 0))
         assert not runtime.adopt("player:d", 1, blob(0, 0)), "max_activations holds"
+
+    asyncio.run(main())
+
+
+def test_a_copy_from_an_older_epoch_gives_way_to_a_newer_one_held_elsewhere():
+    """Two nodes each thought they owned an actor for a moment: the copy from the older
+    epoch has not written since, so nothing told it it was stale. A hand-over or a release
+    under a newer epoch drops it (sessions re-attach); a busy one finds out by its write."""
+
+    async def main():
+        deactivated: list[tuple[str, bool, str | None]] = []
+        runtime, _ = make_runtime(deactivated)
+        runtime.adopt("player:a", 4, blob(1, 1))
+        old = runtime.actors["player:a"]
+        assert runtime.adopt("player:a", 9, blob(5, 3)), "a hand-over under a newer epoch replaces it"
+        new = runtime.actors["player:a"]
+        assert old.state is ActorState.DEACTIVATED and (new.epoch, new.player.xp) == (9, 5)
+        assert deactivated == [("player:a", True, None)], "dropped as stale: its sessions re-attach"
+
+        assert not runtime.drop_older("player:a", 9) and not runtime.drop_older("player:a", 8)
+        assert runtime.drop_older("player:a", 10), "released elsewhere under a newer epoch"
+        assert "player:a" not in runtime.actors
+        assert not runtime.drop_older("player:missing", 10)
+
+        runtime.adopt("player:b", 2, blob(0, 0))
+        gate = asyncio.get_running_loop().create_future()
+        runtime.deliver("player:b", lambda act: gate, lambda error: None)
+        assert not runtime.drop_older("player:b", 5), "a busy copy is left to its own write"
+        gate.set_result(None)
+        await asyncio.sleep(0)
+        assert runtime.drop_older("player:b", 5)
 
     asyncio.run(main())
 
