@@ -398,21 +398,22 @@ class LocalCluster:
         )
         return elapsed
 
-    def _routes_to(self, name: str) -> bool:
-        """Whether the gateway sees `name` alive, in its ring, and has a link to it."""
+    def _routes_to(self, *names: str) -> bool:
+        """Whether the gateway sees each of `names` alive, in its ring, and has a link to it."""
         code, status = http_json(self.admin_url("gateway") + "/status")
         if code != 200:
             return False
         membership = status.get("membership", {})
-        return (
+        return all(
             membership.get("members", {}).get(name) == "alive"
             and name in membership.get("ring", {})
             and status.get("links", {}).get(name) is True
+            for name in names
         )
 
     def _converged(self, nodes: list[str]) -> bool:
         """Whether the gateway routes to every one of `nodes` and each sees the others alive."""
-        if not all(self._routes_to(n) for n in nodes):
+        if not self._routes_to(*nodes):
             return False
         for name in nodes:
             code, status = http_json(self.admin_url(name) + "/status")
@@ -466,7 +467,7 @@ class LocalCluster:
         self.stop("gateway")
         self.start_gateway()
         running = [n for n in self.config.all_node_names if self.pid(n) is not None]
-        self._wait("gateway", lambda: all(self._routes_to(n) for n in running), 20)
+        self._wait("gateway", lambda: self._routes_to(*running), 20)
         elapsed = time.monotonic() - started
         self.progress(f"restarted the gateway in {elapsed:.2f}s: its clients reconnect (close 1001)")
         return elapsed
