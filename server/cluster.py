@@ -24,6 +24,7 @@ import orjson
 from server.config import ClusterConfig, run_marker
 
 ProgressFn = Callable[[str], None]
+CODE_ROOT = Path(__file__).resolve().parents[1]  # the checkout whose `server` this is
 
 
 class ClusterError(RuntimeError):
@@ -122,6 +123,9 @@ class LocalCluster:
         self.drained_file(name).unlink(missing_ok=True)
         self.unflushed_file(name).unlink(missing_ok=True)
         env = dict(os.environ, RINGSIDE_RUN_DIR=str(self.run_dir))
+        # The code that launches them, not whatever the venv's editable install points at
+        # (`loadtest.cpu_ab` runs another commit's checkout with this checkout's venv).
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CODE_ROOT), env.get("PYTHONPATH")]))
         with open(self.log_file(name), "ab") as log:
             proc = subprocess.Popen(
                 argv,
@@ -137,7 +141,7 @@ class LocalCluster:
 
     def _ringside(self, *args: str) -> list[str]:
         # Through the installed `ringside` script where there is one, so that `ps` and
-        # `pgrep -f ringside` show every process of the cluster.
+        # `pgrep -f ringside` show every process of the cluster (it runs CODE_ROOT's code).
         script = Path(sys.executable).with_name("ringside")
         argv = [sys.executable, str(script)] if script.is_file() else [sys.executable, "-m", "server.cli"]
         if self.config_path:

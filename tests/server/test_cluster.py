@@ -1,10 +1,13 @@
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+import server
 from loadtest.harness import write_config
-from server.cluster import ClusterError, LocalCluster
+from server.cluster import ClusterError, LocalCluster, pid_alive
 from server.config import load_config
 
 
@@ -34,3 +37,24 @@ def test_make_refuses_a_misspelt_variable() -> None:
     known = ["USERS=20", "NODE=n2", "REDIS_URL=redis://x", "LOG_LEVEL=debug", "RINGSIDE_NODE_HANDOFF=redis"]
     fine = subprocess.run(["make", "-n", "status", *known], cwd=root, capture_output=True, text=True)
     assert fine.returncode == 0, fine.stderr
+
+
+def test_processes_run_the_code_that_started_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The nodes and the gateway start through the venv's `ringside` script, whose editable
+    install points at one checkout; `loadtest.cpu_ab` runs another commit's checkout with
+    that venv, and each side must run its own code. Here another `server` on the path (a
+    decoy) stands for the checkout the venv points at."""
+    decoy = tmp_path / "decoy"
+    (decoy / "server").mkdir(parents=True)
+    (decoy / "server" / "__init__.py").write_text("")
+    monkeypatch.setenv("PYTHONPATH", str(decoy))
+    monkeypatch.chdir(tmp_path)
+    config_path = write_config(tmp_path / "c")
+    cluster = LocalCluster(load_config(config_path, env={}), str(config_path), progress=lambda _m: None)
+    code = "import server, sys; print(server.__file__); sys.stdout.flush()"
+    pid = cluster._spawn("probe", [sys.executable, "-c", code])
+    deadline = time.monotonic() + 10
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    printed = cluster.log_file("probe").read_text().strip()
+    assert Path(printed).resolve().parent == Path(server.__file__).resolve().parent, printed
