@@ -1004,12 +1004,18 @@ class Gateway:
         await self._stopping.wait()
         log.info("gateway stopping", extra={"sessions": len(self.sessions)})
         server.close(close_connections=False)
-        for cs in list(self.sessions.values()):
-            cs.close(CloseCode.GOING_AWAY, "gateway shutting down")
+        # Each session closes (1001) once the requests it forwarded have their replies, so a
+        # client knows what was applied; before, requests in flight were applied unanswered.
+        sessions = list(self.sessions.values())
+        for cs in sessions:
+            cs.finish(CloseCode.GOING_AWAY, "gateway shutting down", self.settings.stop_reply_timeout_s)
         # Leave the gossip while the clients close: a restart's new gateway takes the ports
         # only once this process is gone, and the clients reconnect meanwhile.
         leaving = loop.create_task(self.membership.leave(self.settings.leave_timeout_s))
         await asyncio.sleep(0.1)
+        answered_by = time.monotonic() + self.settings.stop_reply_timeout_s
+        while any(cs.close_code is None for cs in sessions) and time.monotonic() < answered_by:
+            await asyncio.sleep(0.01)
         server.close()
         try:
             async with asyncio.timeout(self.settings.stop_close_timeout_s):

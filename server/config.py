@@ -137,6 +137,10 @@ class GatewaySettings:
     # On stop, how long clients have to finish their close handshake (1001) before they are
     # cut: a restart's clients cannot reconnect until this process is gone.
     stop_close_timeout_s: float = 1.0
+    # On stop, how long a session waits for the replies to the requests it already forwarded
+    # before it is closed (1001): a request a client got no reply to was not applied
+    # (decision 30) unless a node took longer than this to answer.
+    stop_reply_timeout_s: float = 1.0
 
     @property
     def listen_address(self) -> str:

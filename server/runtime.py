@@ -404,7 +404,7 @@ class ActorRuntime:
             return False
         self.stale_total += 1
         extra = {"actor": key, "epoch": act.epoch, "newer": epoch}
-        log.warning("older than its epoch elsewhere; deactivating", extra=extra)
+        log.debug("older than its epoch elsewhere; deactivating", extra=extra)
         self._deactivate(act, stale=True)
         return True
 
@@ -413,7 +413,9 @@ class ActorRuntime:
         act = self.actors.get(key)
         if act is not None and act.state is not ActorState.MIGRATING:  # the migration decides
             self.stale_total += 1
-            log.warning("stale epoch; deactivating", extra={"actor": key, "epoch": act.epoch})
+            # Every ring change has some (two nodes held an actor for a moment): hundreds of
+            # lines a drill at warning level; /metrics counts them (ringside_node_stale_epoch).
+            log.debug("stale epoch; deactivating", extra={"actor": key, "epoch": act.epoch})
             self._deactivate(act, stale=True)
 
     def _deactivate(self, act: Activation, *, stale: bool, moved_to: str | None = None) -> None:

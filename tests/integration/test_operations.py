@@ -21,6 +21,7 @@ from server.cluster import ClusterError, LocalCluster, http_json, pid_alive
 from server.config import load_config
 from tests.integration.conftest import is_stopped, wait_until
 from tests.integration.test_games import check_streams, drain_events, start_game
+from tests.integration.test_observability import scrape, value
 
 PLAYERS = [f"o{i}" for i in range(200)]
 GAMERS = [f"og{i}" for i in range(8)]
@@ -363,3 +364,38 @@ def test_a_gateway_stop_does_not_wait_for_a_client_that_never_closes(make_cluste
     finally:
         stuck.close()
     assert took < cluster.config.gateway.close_timeout_s, f"the stop took {took:.1f}s"
+
+
+def test_a_gateway_stop_writes_the_replies_to_requests_in_flight(make_cluster):
+    """Requests forwarded to a node that is slow to answer when the gateway stops: each
+    gets its reply before the 1001 close, so a client knows what was applied (decision 30).
+    Before, the sessions were closed at once and the node applied the requests unanswered
+    (helper-36's soak: 54 of 360 requests cut by gateway restarts had been applied)."""
+    cluster = make_cluster()
+    local = cluster.local
+    player = "inflight"
+    owner = cluster.owner(player)
+
+    def forwarded() -> float:
+        return value(scrape(cluster, "gateway"), "ringside_gateway_requests_total")
+
+    async def main() -> tuple[list[object], int | None]:
+        client = await RingsideClient.connect(cluster.url, cluster.token(player))
+        await client.request("player.update", {"incr": {"xp": 1}})
+        pausing = asyncio.create_task(asyncio.to_thread(local.pause, owner, 0.4))
+        await asyncio.to_thread(wait_until, lambda: is_stopped(cluster, owner), 5, f"{owner} stopped")
+        calls = [asyncio.create_task(client.call("player.update", {"incr": {"xp": 1}})) for _ in range(3)]
+        await asyncio.to_thread(wait_until, lambda: forwarded() >= 4, 5, "the three requests forwarded")
+        await asyncio.to_thread(local.stop, "gateway")  # the owner resumes while it stops
+        await pausing
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        await asyncio.wait_for(client.ws.wait_closed(), 10)
+        return replies, client.ws.close_code
+
+    replies, code = asyncio.run(main())
+    assert code == 1001
+    assert all(isinstance(r, dict) and r.get("ok") for r in replies), replies
+    assert [r["result"]["xp"] for r in replies] == [2, 3, 4]  # type: ignore[index]
+    local.start_gateway()
+    cluster.wait_flushed()
+    assert cluster.stored_xp(player) == 4
