@@ -30,6 +30,13 @@ class Never:
         raise AssertionError(f"the {self._what} was called: {name}")
 
 
+async def until(condition: Any, what: str, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s: {what}"
+        await asyncio.sleep(0.005)
+
+
 def load(key: str, blob: bytes | None) -> Any:
     kind, _, ident = key.partition(":")
     return (
@@ -100,18 +107,17 @@ def test_a_quiet_game_sends_its_last_event_again_so_a_lost_push_is_filled():
         game_act = runtime.actors["game:g1"]
         game_act.durable_upto(game_act.version, True)  # the flush wrote the game
         assert orjson.loads(orjson.dumps(await reply))["result"]["seq"] == 3
-        await asyncio.sleep(0.01)
+        await until(lambda: len(pushed) == 2, "the event pushed to both players")
         assert sorted(pushed) == [("player:a", 3), ("player:b", 3)]
 
         # b's push is lost: its actor here is where it was before the event.
         runtime.actors["player:b"].player.games["g1"] = 2
         pushed.clear()
-        await asyncio.sleep(0.15)  # past the first announce (0.05 s of quiet)
+        await until(lambda: pushed != [], "the first announce, after 0.05 s of quiet")
+        await until(lambda: game_act.timer is None, "the second announce, 0.1 s after the first")
         assert pushed == [("player:b", 3)], "b got the event again; a, who had it, got nothing"
         assert runtime.actors["player:b"].player.games["g1"] == 3
-        await asyncio.sleep(0.2)  # the second announce, 0.1 s later: nothing new for anyone
-        assert pushed == [("player:b", 3)]
-        assert game_act.data.announce is None and game_act.timer is None, "announced twice, then done"
+        assert game_act.data.announce is None, "announced twice, then done"
 
     asyncio.run(main())
 
@@ -180,10 +186,9 @@ def test_a_release_from_a_newer_epoch_drops_the_copy_here_and_wakes_the_game():
             return Frame(Kind.ACTOR_SEND, 0, payload=orjson.dumps(message))
 
         messaging.on_peer_frame(Never("link"), released(2))  # type: ignore[arg-type]
-        await asyncio.sleep(0.01)
         assert runtime.actors["game:g1"].epoch == 3 and redis.asked == 0, "ours is newer: kept"
         messaging.on_peer_frame(Never("link"), released(4))  # type: ignore[arg-type]
-        await asyncio.sleep(0.01)
+        await until(lambda: runtime.actors["game:g1"].epoch > 3, "the game woken on a fresh load")
         game = runtime.actors["game:g1"]
         assert game.epoch == 5 and game.data.seq == 5, "dropped, then woken from what Redis holds"
 
