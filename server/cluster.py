@@ -243,7 +243,13 @@ class LocalCluster:
             self.start_gateway()
             # Each process starts knowing only itself: until gossip has joined them, a node
             # owns the whole ring in its own view and would refuse a drain as the last one.
-            self._wait("gateway", lambda: self._converged(self.config.node_names), 20)
+            try:
+                self._wait("gateway", lambda: self._converged(self.config.node_names), 20)
+            except ClusterError:
+                raise ClusterError(
+                    f"the members did not all see each other alive within 20s ({self._views()}); "
+                    f"gossip keys or ports? see the logs in {self.run_dir}"
+                ) from None
         except BaseException:
             self.stop(*reversed(self.spawned[first:]))  # only what this call started
             raise
@@ -425,6 +431,18 @@ class LocalCluster:
             if any(members.get(other) != "alive" for other in nodes):
                 return False
         return True
+
+    def _views(self) -> str:
+        """Who each process sees alive, for an error message."""
+        views = []
+        for name in [*self.config.node_names, "gateway"]:
+            code, status = http_json(self.admin_url(name) + "/status")
+            members = status.get("membership", {}).get("members", {}) if code == 200 else {}
+            alive = sorted(m for m, state in members.items() if state == "alive" and m != name)
+            views.append(
+                f"{name} sees {', '.join(alive) or 'no one'}" if code == 200 else f"{name} does not answer"
+            )
+        return "; ".join(views)
 
     def wait_in_ring(self, name: str, timeout: float = 20.0) -> None:
         """Wait until the gateway sees `name` alive and routes to it."""
