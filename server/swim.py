@@ -122,6 +122,10 @@ class SwimConfig:
     leave_linger: float = 0.3
     # With no live peer known, contact the seeds again this often.
     join_retry_interval: float = 0.25
+    # A refutation (of a suspicion, or of the `left`/`faulty` a restarted member finds the
+    # cluster holding under its name) also goes at once, in a ping, to this many live
+    # members, besides riding the next pings. 0: only with the pings.
+    refute_fanout: int = 32
     # A gap between two ticks longer than this means our own process was stalled (GC,
     # SIGSTOP, VM pause): deadlines are shifted instead of blaming peers for our silence.
     pause_threshold: float = 1.0
@@ -308,6 +312,7 @@ class Swim:
         """Feed one authenticated message from ``addr`` (replies go there). For a PushPull
         request the answer is a PushPull with ``reply=True``: write it on that connection."""
         out: list[Outgoing] = []
+        incarnation = self._me.incarnation
         sender = message.sender
         if sender != self.name and sender in self._members:
             if now - self._last_heard > self.config.suspicion_min:
@@ -344,7 +349,19 @@ class Swim:
                 if not message.reply:
                     reply = PushPull(self.name, self.addr, tuple(self._members.values()), True)
                     out.append(Outgoing(addr, reply, push_pull=True))
+        if self._me.incarnation > incarnation and self._me.state is ALIVE:
+            out.extend(self._announce_refutation())
         return out
+
+    def _announce_refutation(self) -> list[Outgoing]:
+        """We refuted (our incarnation rose in `receive`): tell the live members now. A
+        member restarted under its old name starts at incarnation 0, which the cluster's
+        `left` record beats; until the members hear its refutation, they leave it out of
+        the ring while it counts itself in, and an actor owned by it in one view and by
+        another member in the other moves back and forth between the two."""
+        rumors = (Rumor(self._me, self.name),)
+        peers = self._random_peers(self.config.refute_fanout, exclude=(), states=set(PROBED))
+        return [Outgoing(m.addr, Ping(self._next_seq(), self.name, m.name, rumors)) for m in peers]
 
     def leave(self, now: float) -> list[Outgoing]:
         """Gossip LEAVING now, LEFT after ``leave_linger``. Keep calling ``tick`` (and
