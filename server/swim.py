@@ -122,10 +122,11 @@ class SwimConfig:
     leave_linger: float = 0.3
     # With no live peer known, contact the seeds again this often.
     join_retry_interval: float = 0.25
-    # A refutation (of a suspicion, or of the `left`/`faulty` a restarted member finds the
-    # cluster holding under its name) also goes at once, in a ping, to this many live
-    # members, besides riding the next pings. 0: only with the pings.
-    refute_fanout: int = 32
+    # A member's news about itself (its join, once it has the member list; a refutation of
+    # a suspicion, or of the `left`/`faulty` a restarted member finds the cluster holding
+    # under its name) also goes at once, in a ping, to this many live members, besides
+    # riding the next pings. 0: only with the pings.
+    announce_fanout: int = 32
     # A gap between two ticks longer than this means our own process was stalled (GC,
     # SIGSTOP, VM pause): deadlines are shifted instead of blaming peers for our silence.
     pause_threshold: float = 1.0
@@ -199,6 +200,7 @@ class Swim:
         self.config = config
         self._rng = rng
         self._seeds = [s for s in seeds if tuple(s) != tuple(addr)]
+        self._announced = False  # our join told to the members (see _announce_self)
         self._me = Member(name, addr, 0, ALIVE, dict(meta))
         self._members: dict[str, Member] = {name: self._me}
         self._since: dict[str, float] = {name: now}
@@ -349,18 +351,21 @@ class Swim:
                 if not message.reply:
                     reply = PushPull(self.name, self.addr, tuple(self._members.values()), True)
                     out.append(Outgoing(addr, reply, push_pull=True))
-        if self._me.incarnation > incarnation and self._me.state is ALIVE:
-            out.extend(self._announce_refutation())
+        joined = not self._announced and isinstance(message, PushPull) and message.reply
+        if self._me.state is ALIVE and (joined or self._me.incarnation > incarnation):
+            self._announced = True
+            out.extend(self._announce_self())
         return out
 
-    def _announce_refutation(self) -> list[Outgoing]:
-        """We refuted (our incarnation rose in `receive`): tell the live members now. A
-        member restarted under its old name starts at incarnation 0, which the cluster's
-        `left` record beats; until the members hear its refutation, they leave it out of
-        the ring while it counts itself in, and an actor owned by it in one view and by
-        another member in the other moves back and forth between the two."""
+    def _announce_self(self) -> list[Outgoing]:
+        """Tell the live members our record now: we just joined (the first answer to our
+        join lists them; the join reached only the seeds), or we refuted (our incarnation
+        rose in `receive`: a member restarted under its old name starts at incarnation 0,
+        which the cluster's `left` record beats). Until the members hear it they leave us
+        out of the ring while we count ourselves in, and an actor owned by us in one view
+        and by another member in the other moves back and forth between the two."""
         rumors = (Rumor(self._me, self.name),)
-        peers = self._random_peers(self.config.refute_fanout, exclude=(), states=set(PROBED))
+        peers = self._random_peers(self.config.announce_fanout, exclude=(), states=set(PROBED))
         return [Outgoing(m.addr, Ping(self._next_seq(), self.name, m.name, rumors)) for m in peers]
 
     def leave(self, now: float) -> list[Outgoing]:

@@ -369,10 +369,10 @@ def test_graceful_leave_is_never_seen_as_faulty() -> None:
     assert x not in [m.name for m in net.nodes["n000"].live_members()]
 
 
-def _rejoin_after_leave(refute_fanout: int) -> float:
+def _rejoin_after_leave(announce_fanout: int) -> float:
     """A member leaves, its process exits, and a new one starts under the same name and
     address (a rolling restart): how long until every other member holds it alive."""
-    config = replace(CFG, refute_fanout=refute_fanout)
+    config = replace(CFG, announce_fanout=announce_fanout)
     net = SimNet(10, seed=21, config=config)
     net.boot()
     x = "n005"
@@ -396,8 +396,35 @@ def test_a_restarted_member_is_alive_everywhere_within_a_round_trip() -> None:
     # Its join finds it held as left; the refutation goes straight to every member. By the
     # pings alone it would take a protocol period or more, while the restarted member counts
     # itself in the ring and the others do not (actors bounced between two owners).
-    assert _rejoin_after_leave(refute_fanout=32) <= 0.04  # two steps of the simulated network
-    assert _rejoin_after_leave(refute_fanout=0) > PERIOD
+    assert _rejoin_after_leave(announce_fanout=32) <= 0.04  # two steps of the simulated network
+    assert _rejoin_after_leave(announce_fanout=0) > PERIOD
+
+
+def _join_new_member(announce_fanout: int) -> float:
+    """A member never seen before joins a running cluster through 3 seeds (a scale-up):
+    how long until every other member holds it alive."""
+    config = replace(CFG, announce_fanout=announce_fanout)
+    net = SimNet(10, seed=22, config=config)
+    net.boot()
+    x = "n010"
+    net.names.append(x)
+    net.addr[x] = ("10.0.0.1", 7010)
+    net.by_addr[net.addr[x]] = x
+    seeds = [net.addr[n] for n in net.names[:3]]
+    net.nodes[x] = Swim(
+        x, net.addr[x], meta={"role": "node"}, seeds=seeds, config=config, rng=random.Random(3), now=net.now
+    )
+    net.start(x)
+    took = net.run(10.0, until=lambda: net.state_of(x) == {ALIVE}, check_every=0.0)
+    assert took is not None
+    return took
+
+
+def test_a_new_member_is_alive_everywhere_within_a_round_trip() -> None:
+    # Its join reaches the seeds; the others hear of it from its announcement, not a
+    # protocol period or more later with the pings.
+    assert _join_new_member(announce_fanout=32) <= 0.04
+    assert _join_new_member(announce_fanout=0) > 0.1  # 0.22 s with this seed
 
 
 def test_paused_member_learns_it_was_dropped_and_rejoins() -> None:
