@@ -31,6 +31,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from types import FrameType
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -112,6 +113,7 @@ class GcPolicy(Collector):
         started = time.perf_counter()
         self._reclaiming, self._reclaim_collected = threading.get_ident(), False
         types: list[tuple[str, int]] = []
+        frames: list[tuple[str, int]] = []
         freed = 0
         try:
             gc.unfreeze()
@@ -130,6 +132,13 @@ class GcPolicy(Collector):
             ran = self._reclaim_collected
             if census and ran:
                 types = collections.Counter(type(o).__name__ for o in saved).most_common(10)
+                # Cycles through frames are mostly exceptions kept with their tracebacks: the
+                # functions say where.
+                frames = collections.Counter(
+                    f"{o.f_code.co_qualname} ({o.f_code.co_filename.rsplit('/', 1)[-1]}:{o.f_lineno})"
+                    for o in saved
+                    if isinstance(o, FrameType)
+                ).most_common(10)
                 del saved
                 gc.collect()  # what the census held is unreachable again
         finally:
@@ -146,6 +155,7 @@ class GcPolicy(Collector):
             "ran": ran,
             "freed": freed,
             "freed_types": types,
+            "freed_frames": frames,
             "pause_ms": round(pause * 1000, 1),
             "frozen": gc.get_freeze_count(),
         }

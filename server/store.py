@@ -19,6 +19,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from server.tokens import revoked_key
 
@@ -134,6 +135,12 @@ class Store:
             # One retry on a fresh connection when a pooled one turns out dead (Redis restarted
             # or closed it idle); not on a timeout. redis-py's default here is no retry.
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            # A new connection sends only what it needs. By default redis-py 8 also names
+            # itself (CLIENT SETINFO, Redis 7.2+) and asks for Redis Enterprise's maintenance
+            # notices; the embedded Redis (6.2) refuses both: extra commands, and each refusal
+            # left in a reference cycle with its traceback and frames until the collector ran.
+            driver_info=None,
+            maint_notifications_config=MaintNotificationsConfig(enabled=False),
         )
         if pool.connection_class is aioredis.Connection:  # not TLS or a Unix socket
             pool.connection_class = _CPackedConnection

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import subprocess
 import sys
 import threading
@@ -36,6 +37,12 @@ async def game_traffic(clients, game, received, stop: asyncio.Event, acked: dict
             await asyncio.sleep(0.02)
 
     await asyncio.gather(*(one(c) for c in clients))
+
+
+def epochs(cluster) -> dict[str, int]:
+    """Every actor's fencing epoch in Redis: one more each time a node activated it."""
+    keys = list(cluster.redis.scan_iter("rs:{*}:epoch", count=1000))
+    return {k.decode(): int(v) for k, v in zip(keys, cluster.redis.mget(keys), strict=True)}
 
 
 @pytest.mark.parametrize("handoff", ["live", "redis"])
@@ -87,9 +94,19 @@ def test_drain_add_node_and_rolling_restart_under_load(make_cluster, handoff):
             print(f"n4 adopted {n4['adopted']} of {n4['actors']} actors")
             assert n4["adopted"] >= 0.8 * n4["actors"], n4
 
+        before = epochs(cluster)
         deploy_started = time.monotonic()
         await asyncio.to_thread(local.deploy)
         await load.wait_for_acks(1000, timeout=30)
+        # Each active actor leaves its node when that node drains and comes back when it
+        # returns: 2 epochs (3 when a pull timed out and the actor loaded from Redis as well).
+        # While views disagreed on a restarted node (decision 37), actors went back and forth
+        # between two owners: 10-25 % of them above 2 with live hand-offs and up to 5, up to
+        # 8 with Redis hand-offs (4 runs); since, at most one in ~210 at 3.
+        moves = {k: v - before[k] for k, v in epochs(cluster).items() if k in before}
+        spread = sorted(collections.Counter(moves.values()).items())
+        print(f"epochs over the deploy (epochs, actors): {spread}")
+        assert max(moves.values()) <= 4 and sum(n for e, n in spread if e > 2) <= len(moves) // 20, spread
 
         stop.set()
         await traffic
