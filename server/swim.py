@@ -122,10 +122,10 @@ class SwimConfig:
     leave_linger: float = 0.3
     # With no live peer known, contact the seeds again this often.
     join_retry_interval: float = 0.25
-    # A member's news about itself (its join, once it has the member list; a refutation of
-    # a suspicion, or of the `left`/`faulty` a restarted member finds the cluster holding
-    # under its name) also goes at once, in a ping, to this many live members, besides
-    # riding the next pings. 0: only with the pings.
+    # A member's news about itself that changes the ring (its join, once it has the member
+    # list; its refutation of the `left`/`faulty` a restarted or paused member finds the
+    # cluster holding under its name) also goes at once, in a ping, to this many live
+    # members, besides riding the next pings. 0: only with the pings.
     announce_fanout: int = 32
     # A gap between two ticks longer than this means our own process was stalled (GC,
     # SIGSTOP, VM pause): deadlines are shifted instead of blaming peers for our silence.
@@ -201,6 +201,7 @@ class Swim:
         self._rng = rng
         self._seeds = [s for s in seeds if tuple(s) != tuple(addr)]
         self._announced = False  # our join told to the members (see _announce_self)
+        self._back_from_dead = False  # we refuted a `left` or `faulty` held about us
         self._me = Member(name, addr, 0, ALIVE, dict(meta))
         self._members: dict[str, Member] = {name: self._me}
         self._since: dict[str, float] = {name: now}
@@ -314,7 +315,6 @@ class Swim:
         """Feed one authenticated message from ``addr`` (replies go there). For a PushPull
         request the answer is a PushPull with ``reply=True``: write it on that connection."""
         out: list[Outgoing] = []
-        incarnation = self._me.incarnation
         sender = message.sender
         if sender != self.name and sender in self._members:
             if now - self._last_heard > self.config.suspicion_min:
@@ -351,19 +351,24 @@ class Swim:
                 if not message.reply:
                     reply = PushPull(self.name, self.addr, tuple(self._members.values()), True)
                     out.append(Outgoing(addr, reply, push_pull=True))
+        back, self._back_from_dead = self._back_from_dead, False
         joined = not self._announced and isinstance(message, PushPull) and message.reply
-        if self._me.state is ALIVE and (joined or self._me.incarnation > incarnation):
-            self._announced = True
-            out.extend(self._announce_self())
+        if self._me.state is ALIVE and (joined or back):
+            announcement = self._announce_self()
+            self._announced = self._announced or bool(announcement)
+            out.extend(announcement)
         return out
 
     def _announce_self(self) -> list[Outgoing]:
         """Tell the live members our record now: we just joined (the first answer to our
-        join lists them; the join reached only the seeds), or we refuted (our incarnation
-        rose in `receive`: a member restarted under its old name starts at incarnation 0,
-        which the cluster's `left` record beats). Until the members hear it they leave us
-        out of the ring while we count ourselves in, and an actor owned by us in one view
-        and by another member in the other moves back and forth between the two."""
+        join that lists any lists them; the join reached only the seeds), or we came back
+        from `left` or `faulty` (a member restarted under its old name starts at incarnation
+        0, which the cluster's `left` record beats; a paused one was dropped). Until the
+        members hear it they leave us out of the ring while we count ourselves in, and an
+        actor owned by us in one view and by another member in the other moves back and
+        forth between the two. A refuted suspicion does not change the ring: it goes with
+        the pings, as SWIM has it (announcing those too costs most under packet loss, when
+        members refute the most)."""
         rumors = (Rumor(self._me, self.name),)
         peers = self._random_peers(self.config.announce_fanout, exclude=(), states=set(PROBED))
         return [Outgoing(m.addr, Ping(self._next_seq(), self.name, m.name, rumors)) for m in peers]
@@ -633,6 +638,8 @@ class Swim:
             return
         if claim.state is ALIVE and claim.incarnation == me.incarnation:
             return
+        if claim.state in DEAD:
+            self._back_from_dead = True
         if claim.state is FAULTY and me.state is ALIVE:
             # The cluster dropped us (we were paused or partitioned away). Say so once,
             # withdraw the accusations we made while cut off, and come back.

@@ -427,6 +427,39 @@ def test_a_new_member_is_alive_everywhere_within_a_round_trip() -> None:
     assert _join_new_member(announce_fanout=0) > 0.1  # 0.22 s with this seed
 
 
+def _announced_to(outs: list[Outgoing], me: Member) -> list[str]:
+    pings = [o.message for o in outs if isinstance(o.message, Ping)]
+    assert all(p.rumors == (Rumor(me, me.name),) for p in pings)
+    return sorted(p.target for p in pings)
+
+
+def test_a_member_announces_its_join_and_its_return_but_not_a_refuted_suspicion() -> None:
+    swim = Swim("me", ("h", 0), meta={}, seeds=[("h", 1)], config=CFG, rng=random.Random(1), now=0.0)
+    swim.start(0.0)
+    peers = tuple(Member(n, ("h", i + 1), 0, ALIVE, {}) for i, n in enumerate("abcd"))
+    # The answer to its join lists the members: each hears of it at once, once.
+    outs = swim.receive(0.0, ("h", 1), PushPull("a", ("h", 1), peers, reply=True))
+    assert _announced_to(outs, swim.members["me"]) == list("abcd")
+    outs = swim.receive(1.0, ("h", 2), PushPull("b", ("h", 2), peers, reply=True))
+    assert _announced_to(outs, swim.members["me"]) == []
+    # A refuted suspicion changes no ring: it rides the pings (under loss members refute
+    # often, and 32 pings each time would add most of the traffic).
+    suspected = Rumor(Member("me", ("h", 0), 0, SUSPECT, {}), "a")
+    outs = swim.receive(1.1, ("h", 1), Ack(99, "a", (suspected,)))
+    assert swim.incarnation == 1 and _announced_to(outs, swim.members["me"]) == []
+    # Held as left (restarted under this name) or faulty (paused): every member hears the
+    # refutation at once, whatever message brought the news.
+    for state, incarnation in ((LEFT, 5), (FAULTY, 8)):
+        dead = Rumor(Member("me", ("h", 0), incarnation, state, {}), "b")
+        outs = swim.receive(1.2, ("h", 2), Ack(98, "b", (dead,)))
+        assert swim.incarnation == incarnation + 1
+        assert _announced_to(outs, swim.members["me"]) == list("abcd")
+    # A leaving member announces nothing.
+    swim.leave(1.3)
+    dead = Rumor(Member("me", ("h", 0), 20, FAULTY, {}), "c")
+    assert _announced_to(swim.receive(1.4, ("h", 3), Ack(97, "c", (dead,))), swim.members["me"]) == []
+
+
 def test_paused_member_learns_it_was_dropped_and_rejoins() -> None:
     net = SimNet(10, seed=13, loss=0.02)
     net.boot()
