@@ -361,7 +361,7 @@ class Swim:
 
     def _announce_self(self) -> list[Outgoing]:
         """Tell the live members our record now: we just joined (the first answer to our
-        join that lists any lists them; the join reached only the seeds), or we came back
+        join that names other members; the join itself reached only the seeds), or we came back
         from `left` or `faulty` (a member restarted under its old name starts at incarnation
         0, which the cluster's `left` record beats; a paused one was dropped). Until the
         members hear it they leave us out of the ring while we count ourselves in, and an
