@@ -380,15 +380,22 @@ def _rejoin_after_leave(announce_fanout: int) -> float:
     assert net.run(10.0, until=lambda: net.nodes[x].leave_complete) is not None
     net.crashed.add(x)
     assert net.run(5.0, until=lambda: net.state_of(x) == {LEFT}) is not None
+    net.crashed.discard(x)
+    took = _start_and_time_until_alive(net, x, config)
+    assert net.nodes[x].incarnation > 0  # it refuted the `left` held under its name
+    return took
+
+
+def _start_and_time_until_alive(net: SimNet, x: str, config: SwimConfig) -> float:
+    """Start a new process for member `x` (seeded with the first three members); return
+    how long until every other member holds it alive."""
     seeds = [net.addr[n] for n in net.names[:3]]
     net.nodes[x] = Swim(
-        x, net.addr[x], meta={"role": "node"}, seeds=seeds, config=config, rng=random.Random(2), now=net.now
+        x, net.addr[x], meta={"role": "node"}, seeds=seeds, config=config, rng=random.Random(x), now=net.now
     )
-    net.crashed.discard(x)
     net.start(x)
     took = net.run(10.0, until=lambda: net.state_of(x) == {ALIVE}, check_every=0.0)
     assert took is not None
-    assert net.nodes[x].incarnation > 0  # it refuted the `left` held under its name
     return took
 
 
@@ -410,14 +417,7 @@ def _join_new_member(announce_fanout: int) -> float:
     net.names.append(x)
     net.addr[x] = ("10.0.0.1", 7010)
     net.by_addr[net.addr[x]] = x
-    seeds = [net.addr[n] for n in net.names[:3]]
-    net.nodes[x] = Swim(
-        x, net.addr[x], meta={"role": "node"}, seeds=seeds, config=config, rng=random.Random(3), now=net.now
-    )
-    net.start(x)
-    took = net.run(10.0, until=lambda: net.state_of(x) == {ALIVE}, check_every=0.0)
-    assert took is not None
-    return took
+    return _start_and_time_until_alive(net, x, config)
 
 
 def test_a_new_member_is_alive_everywhere_within_a_round_trip() -> None:
