@@ -44,8 +44,7 @@ class NodeSettings:
     flush_interval_ms: int = 100  # write-behind period; also the replay window on a crash
     # Actor states per Redis round trip. Small batches keep each flush's burst of work
     # (encoding the states, then reporting them durable) short, so requests that arrive
-    # meanwhile are not held behind it: p99 at 5,000 requests/s 1.25-1.33 ms at 32 against
-    # 1.50-2.25 ms at 512 (docs/performance.md).
+    # meanwhile are not held behind it; larger ones drain a backlog faster (decision 36).
     flush_batch_max: int = 32
     redis_max_connections: int = 64  # per node; more concurrent commands wait for one
     max_dirty: int = 50_000  # dirty actors held while Redis is away; past it writes get `unavailable`
