@@ -91,6 +91,15 @@ def syscalls(pid: int) -> int:
     return int(counts["syscr"]) + int(counts["syscw"])
 
 
+def wakeups(pid: int) -> int:
+    """Times the process's main thread went to sleep and was woken (or was preempted): its
+    context switches. Each process wake-up costs the loop's poll and a cold cache, whatever
+    it then does, so more processes on a request's path cost more even when each is lean."""
+    with open(f"/proc/{pid}/status") as fh:
+        fields = (line.split(":") for line in fh)
+        return sum(int(value) for key, value in fields if key.endswith("ctxt_switches"))
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
@@ -1168,7 +1177,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             names = [*server_names, "redis"]
             c0 = {n: cpu_seconds(pids[n]) for n in names}  # type: ignore[arg-type]
             sc0 = {n: syscalls(pids[n]) for n in server_names}  # type: ignore[arg-type]
-            ec0, esc0 = cpu_seconds(echo.pid), syscalls(echo.pid)
+            wk0 = {n: wakeups(pids[n]) for n in server_names}  # type: ignore[arg-type]
+            ec0, esc0, ewk0 = cpu_seconds(echo.pid), syscalls(echo.pid), wakeups(echo.pid)
             rc0 = redis_counts(rds)
             f0 = flush_counts(cluster, config.node_names)
             profilers = (
@@ -1206,7 +1216,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
             c1 = {n: cpu_seconds(pids[n]) for n in names}  # type: ignore[arg-type]
             sc1 = {n: syscalls(pids[n]) for n in server_names}  # type: ignore[arg-type]
-            ec1, esc1 = cpu_seconds(echo.pid), syscalls(echo.pid)
+            wk1 = {n: wakeups(pids[n]) for n in server_names}  # type: ignore[arg-type]
+            ec1, esc1, ewk1 = cpu_seconds(echo.pid), syscalls(echo.pid), wakeups(echo.pid)
             time.sleep(0.3)  # the last flush
             rc1 = redis_counts(rds)
             f1 = flush_counts(cluster, config.node_names)
@@ -1229,6 +1240,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "fixed": e_fixed,  # the last pair's
             "cpu_us_per_msg": (ec1 - ec0) / e_answered * 1e6,
             "syscalls_per_msg": (esc1 - esc0) / e_answered,
+            "wakeups_per_msg": (ewk1 - ewk0) / e_answered,
             "latency": e_lat,
         }
         per = {n: (c1[n] - c0[n]) / r_answered * 1e6 for n in c0}
@@ -1239,6 +1251,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cpu_us_per_req": per,
             "cpu_us_per_req_server": server_us,
             "syscalls_per_req": {n: (sc1[n] - sc0[n]) / r_answered for n in server_names},
+            "wakeups_per_req": {n: (wk1[n] - wk0[n]) / r_answered for n in server_names},
             "cpu_pairs": pairs,
             "one_owner_pairs": one_owner,
         }
@@ -1443,6 +1456,16 @@ def table(r: dict[str, Any]) -> str:
             f"{sys_per['gateway']:.2f} / {sum(v for k, v in sys_per.items() if k != 'gateway'):.2f}",
             f"{e['syscalls_per_msg']:.2f}",
             ratio(sum(sys_per.values()), e["syscalls_per_msg"]),
+            "",
+        )
+    )
+    wake_per = s["wakeups_per_req"]
+    rows.append(
+        (
+            "  process wake-ups per request, gateway / nodes",
+            f"{wake_per['gateway']:.2f} / {sum(v for k, v in wake_per.items() if k != 'gateway'):.2f}",
+            f"{e['wakeups_per_msg']:.2f}",
+            ratio(sum(wake_per.values()), e["wakeups_per_msg"]),
             "",
         )
     )

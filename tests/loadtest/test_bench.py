@@ -45,6 +45,9 @@ def test_quick_bench_measures_every_figure(tmp_path: Path) -> None:
         per = pair["per_process_us"]
         assert per["n1"] > 2 * max(per["n2"], per["n3"]), per
     assert r["ringside"]["cpu_us_per_req_server"] > 0 and r["echo"]["cpu_us_per_msg"] > 0
+    # Every request wakes the gateway and its owner node at least once between them.
+    wakes = r["ringside"]["wakeups_per_req"]
+    assert wakes["gateway"] > 0.5 and sum(wakes.values()) > 1.0 and r["echo"]["wakeups_per_msg"] > 0.5, wakes
     assert r["ringside"]["closed"]["requests"] > 0 and r["ringside"]["closed"]["cpu_us_per_req"] > 0
     assert r["echo"]["closed"]["cpu_us_per_msg"] > 0
     for side in ("ringside", "echo"):
