@@ -9,15 +9,18 @@ its bytes to the owner node; the node's reply bytes go back to the client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+import errno
 import logging
+import os
 import random
 import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -408,9 +411,51 @@ class GatewayMetrics:
         r.register(LinkBytes("ringside_gateway_link_bytes", gateway.links))
 
 
+_T = TypeVar("_T")
+
+
+def stop_replaced_gateway(pid: int) -> None:
+    """SIGTERM to the gateway a restart replaces, once the new one is ready to listen: a new
+    gateway that fails before that (a bad config, an import error) leaves the old serving."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        log.info("the gateway to replace has exited already", extra={"pid": pid})
+    else:
+        log.info("replacing the running gateway: it stops, this one takes its ports", extra={"pid": pid})
+
+
+async def bind_when_free(bind: Callable[[], Awaitable[_T]], port: int, deadline: float | None) -> _T:
+    """`bind()` now; or, replacing a gateway (a `deadline`), as soon as it frees `port`."""
+    started = time.monotonic()
+    waiting = False
+    while True:
+        try:
+            bound = await bind()
+        except OSError as exc:
+            # uvloop reports a UDP port in use as an OSError without errno, caused by one with it
+            in_use = errno.EADDRINUSE in (exc.errno, getattr(exc.__cause__, "errno", None))
+            if not in_use or deadline is None:
+                raise
+            if time.monotonic() > deadline:
+                waited = f"{time.monotonic() - started:.1f}s"
+                raise OSError(exc.errno, f"port {port} still in use after {waited} (replace_wait_s)") from exc
+            if not waiting:
+                log.info("waiting for the gateway replaced to free a port", extra={"port": port})
+                waiting = True
+            await asyncio.sleep(0.01)
+            continue
+        if waiting:
+            log.info("port taken", extra={"port": port, "waited_s": round(time.monotonic() - started, 3)})
+        return bound
+
+
 class Gateway:
-    def __init__(self, config: ClusterConfig) -> None:
+    def __init__(self, config: ClusterConfig, *, replace: int | None = None) -> None:
+        """`replace`: the pid of a running gateway this one takes over from (a restart): it is
+        stopped once this one is ready to listen, and its ports are taken as it frees them."""
         self.config = config
+        self._replace = replace
         self.settings = config.gateway
         self.store = Store(config.redis.effective_url, max_connections=8)
         self._link_keyring = config.link_keyring
@@ -434,6 +479,7 @@ class Gateway:
         self.gc = GcPolicy(config.gc)
         self.metrics.registry.register(self.gc)
         self._stopping = asyncio.Event()
+        self._ring_known = asyncio.Event()  # the ring has had members: gossip has told us the cluster
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -442,6 +488,8 @@ class Gateway:
 
     # -- membership -------------------------------------------------------
     def _on_ring_change(self, ring: HashRing) -> None:
+        if ring.members:
+            self._ring_known.set()
         loop = asyncio.get_running_loop()
         for name in ring.members:
             if name not in self._link_tasks:
@@ -784,6 +832,11 @@ class Gateway:
             break_error_cycles(ws)
 
     async def _open_session(self, ws: ServerConnection, player: str) -> ClientSession:
+        if not self._ring_known.is_set():
+            # Serving before gossip has told us the ring: a restart takes the client port
+            # while the gateway it replaces is still leaving the gossip.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ring_known.wait(), self.settings.attach_timeout_s)
         previous = self.sessions_by_player.get(player)
         if previous is not None:
             cs = self._take_over(previous, ws)
@@ -967,9 +1020,6 @@ class Gateway:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
-        await self.membership.start()
-        self._tasks.append(loop.create_task(self._watch_moves()))
-        self._tasks.append(loop.create_task(count_member_events(self.membership, self.metrics.member_events)))
         dashboard = Dashboard(self)
         routes = admin_routes(
             status=self.status,
@@ -985,17 +1035,30 @@ class Gateway:
         )
         allowed = [o.strip() for o in self.settings.allowed_origins.split(",") if o.strip()]
         origins: list[Origin | None] | None = [Origin(o) for o in allowed] or None
-        server = await serve(
-            dashboard.route(self.handle),
-            self.settings.listen_address,
+        deadline = None
+        if self._replace is not None:
+            deadline = time.monotonic() + self.settings.replace_wait_s
+            stop_replaced_gateway(self._replace)
+        # The client port first: the gateway replaced frees it as it starts stopping, its
+        # gossip port only once it is gone. Hellos meanwhile wait for the ring.
+        server = await bind_when_free(
+            lambda: serve(
+                dashboard.route(self.handle),
+                self.settings.listen_address,
+                self.settings.port,
+                create_connection=GatewayConnection,
+                process_request=routes,
+                max_size=self.settings.max_frame_bytes,
+                compression=None,
+                close_timeout=self.settings.close_timeout_s,
+                origins=origins,
+            ),
             self.settings.port,
-            create_connection=GatewayConnection,
-            process_request=routes,
-            max_size=self.settings.max_frame_bytes,
-            compression=None,
-            close_timeout=self.settings.close_timeout_s,
-            origins=origins,
+            deadline,
         )
+        await bind_when_free(self.membership.start, self.settings.gossip_port, deadline)
+        self._tasks.append(loop.create_task(self._watch_moves()))
+        self._tasks.append(loop.create_task(count_member_events(self.membership, self.metrics.member_events)))
         log.info(
             "gateway started", extra={"url": f"ws://{self.settings.listen_address}:{self.settings.port}/ws"}
         )
@@ -1009,8 +1072,8 @@ class Gateway:
         sessions = list(self.sessions.values())
         for cs in sessions:
             cs.finish(CloseCode.GOING_AWAY, "gateway shutting down", self.settings.stop_reply_timeout_s)
-        # Leave the gossip while the clients close: a restart's new gateway takes the ports
-        # only once this process is gone, and the clients reconnect meanwhile.
+        # Leave the gossip while the clients close: a restart's new gateway (`replace`) takes
+        # the gossip port only once this process is gone. It has the client port already.
         leaving = loop.create_task(self.membership.leave(self.settings.leave_timeout_s))
         await asyncio.sleep(0.1)
         answered_by = time.monotonic() + self.settings.stop_reply_timeout_s

@@ -51,10 +51,23 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from server.logs import setup_logging
 
     config = load_config(args.config)
+    if args.replace is not None:
+        _check_is_a_gateway(args.replace)
     setup_logging("gateway", config.log_level)
     _warn_development_credentials(config)
-    _run_async(Gateway(config).run())
+    _run_async(Gateway(config, replace=args.replace).run())
     return 0
+
+
+def _check_is_a_gateway(pid: int) -> None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")
+    except FileNotFoundError:
+        return  # gone already: nothing to replace, the ports are free
+    if b"gateway" not in argv:
+        shown = b" ".join(argv).decode(errors="replace")[:200]
+        raise ClusterError(f"--replace {pid}: that process is not a ringside gateway ({shown})")
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -259,7 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("node", help="run one node in the foreground")
     p.add_argument("name")
     p.set_defaults(func=cmd_node)
-    sub.add_parser("gateway", help="run the gateway in the foreground").set_defaults(func=cmd_gateway)
+    p = sub.add_parser("gateway", help="run the gateway in the foreground")
+    p.add_argument(
+        "--replace",
+        type=int,
+        metavar="PID",
+        help="take over from the gateway running as PID: once this one is ready it stops that one "
+        "and takes the client port at once, the gossip port as it is freed (a restart without a "
+        "refused window)",
+    )
+    p.set_defaults(func=cmd_gateway)
     p = sub.add_parser("token", help="mint one signed token per player, one per line")
     p.add_argument("players", nargs="+")
     p.add_argument("--ttl", type=int, default=None, help="seconds until expiry")

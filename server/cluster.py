@@ -113,8 +113,8 @@ class LocalCluster:
         return names + self.config.node_names + running_standbys + ["gateway"]
 
     # -- start ------------------------------------------------------------
-    def _spawn(self, name: str, argv: list[str]) -> int:
-        if self.pid(name) is not None:
+    def _spawn(self, name: str, argv: list[str], *, replacing: bool = False) -> int:
+        if self.pid(name) is not None and not replacing:
             raise ClusterError(
                 f"{name} is already running (pid {self.pid(name)}); `make status` shows whether it "
                 f"serves, `make restart NODE={name}` restarts it"
@@ -483,16 +483,49 @@ class LocalCluster:
         return elapsed
 
     def restart_gateway(self) -> float:
-        """Stop the gateway (its clients get 1001 and reconnect; their actors stay on the
-        nodes), start it, and wait until it routes to every running node."""
+        """Start a new gateway that takes over from the running one (`ringside gateway
+        --replace`, decision 39): once it is ready to listen, the old one stops; its clients
+        get 1001 and reconnect to the new one at once, their actors still on the nodes. Wait
+        until the new one routes to every running node."""
         started = time.monotonic()
-        self.stop("gateway")
-        self.start_gateway()
+        old = self.pid("gateway")
+        if old is None:
+            self.start_gateway()
+        else:
+            self._spawn("gateway", self._ringside("gateway", "--replace", str(old)), replacing=True)
+            self._await_replaced(old, started + self.config.gateway.replace_wait_s)
+            self._wait("gateway", self._healthy("gateway"), timeout=20)
         running = [n for n in self.config.all_node_names if self.pid(n) is not None]
         self._wait("gateway", lambda: self._routes_to(*running), 20)
         elapsed = time.monotonic() - started
         self.progress(f"restarted the gateway in {elapsed:.2f}s: its clients reconnect (close 1001)")
         return elapsed
+
+    def _await_replaced(self, old: int, deadline: float) -> None:
+        while pid_alive(old):
+            if self.pid("gateway") is None:
+                self._replacement_failed(old)
+            if time.monotonic() > deadline:
+                self.progress(f"  the old gateway (pid {old}) did not stop in time; killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(old, signal.SIGKILL)
+                deadline = float("inf")
+            time.sleep(0.02)
+
+    def _replacement_failed(self, old: int) -> None:
+        """The new gateway exited during the takeover: before it stopped the old one (a bad
+        config, say: the old one serves on), or after (then none runs)."""
+        g = self.config.gateway
+        stopping = time.monotonic() + g.stop_reply_timeout_s + g.stop_close_timeout_s + g.leave_timeout_s + 2
+        while pid_alive(old) and time.monotonic() < stopping:
+            time.sleep(0.05)
+        log = self.log_file("gateway")
+        if pid_alive(old):
+            self.pid_file("gateway").write_text(f"{old}\n")
+            raise ClusterError(
+                f"the new gateway exited before taking over ({log}); the old one, pid {old}, runs on"
+            )
+        raise ClusterError(f"the new gateway exited during the takeover: no gateway runs; see {log}")
 
     def deploy(self, *, gateway: bool = False) -> float:
         """Rolling restart: each running node in turn, the next only once it serves again;

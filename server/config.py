@@ -144,6 +144,9 @@ class GatewaySettings:
     # before it is closed (1001): a request a client got no reply to was not applied
     # (decision 30) unless a node took longer than this to answer.
     stop_reply_timeout_s: float = 1.0
+    # A restart's new gateway (`ringside gateway --replace PID`) waits this long for the one
+    # it replaces to free its ports: more than that one's stop takes (the timeouts above).
+    replace_wait_s: float = 30.0
 
     @property
     def listen_address(self) -> str:

@@ -262,7 +262,9 @@ class GossipEndpoint:
         except GossipDecodeError:
             self.dropped += 1
             return
-        if isinstance(msg, PushPull) or self._swim is None:
+        if self._swim is None:
+            return  # came while we start, between the bind and the state machine: as if lost
+        if isinstance(msg, PushPull):
             self.dropped += 1  # full state only travels over TCP
             return
         self._flush(self._swim.receive(self._clock(), addr, msg))

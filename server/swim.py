@@ -280,6 +280,7 @@ class Swim:
         self._expire_suspicions(now)
         if self._leave_at is not None and now >= self._leave_at and self._me.state is LEAVING:
             self._set_self(replace(self._me, state=LEFT))
+            out.extend(self._announce_departure())
         if now >= self._next_probe:
             self._next_probe = now + self.config.protocol_period * self._multiplier()
             self._probe_next(now, out)
@@ -372,6 +373,18 @@ class Swim:
         rumors = (Rumor(self._me, self.name),)
         peers = self._random_peers(self.config.announce_fanout, exclude=(), states=set(PROBED))
         return [Outgoing(m.addr, Ping(self._next_seq(), self.name, m.name, rumors)) for m in peers]
+
+    def _announce_departure(self) -> list[Outgoing]:
+        """Our LEFT, to the live members at once: a process waits for its departure to be
+        spread before it exits (`leave_complete`), and the pings alone take
+        retransmit_mult * log2(N) periods, longer than a stop waits (a gateway's restart
+        needs its ports freed). Told to every member we know, the rumor has nothing left to
+        do; past `announce_fanout` members, it rides the pings as before."""
+        every = [m for m in self._members.values() if m.state in PROBED and m.name != self.name]
+        out = self._announce_self()
+        if out and len(out) == len(every):
+            self._queue.pop(self.name, None)
+        return out
 
     def leave(self, now: float) -> list[Outgoing]:
         """Gossip LEAVING now, LEFT after ``leave_linger``. Keep calling ``tick`` (and

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import orjson
 import pytest
+import websockets.asyncio.client
 
 from gateway.client import RingsideClient
 from loadtest.checker import IncrementLoad
@@ -188,6 +189,66 @@ def test_restart_starts_a_killed_node_and_restarts_the_gateway(make_cluster):
 
     code, xp = asyncio.run(client_closed_by_a_gateway_restart())
     assert code == 1001 and xp == 2  # the actor stayed on its node
+
+
+def test_a_restarted_gateway_serves_its_clients_while_the_old_one_is_leaving(make_cluster):
+    """`restart gateway` starts the new gateway first; once ready it stops the old one and
+    takes the client port as soon as that one closes it (decision 39). A client cut with 1001
+    is accepted at once, while the old process is still leaving the gossip (its linger is
+    1 s here, so the check has room), and served once the new one has the ring."""
+    cluster = make_cluster(extra="[swim]\nleave_linger = 1.0\n[gateway]\nleave_timeout_s = 2.0")
+    local = cluster.local
+    old = local.pid("gateway")
+    assert old is not None
+
+    async def main() -> tuple[bool, int]:
+        client = await RingsideClient.connect(cluster.url, cluster.token("taken"))
+        await client.request("player.update", {"incr": {"xp": 1}})
+        restart = asyncio.create_task(asyncio.to_thread(local.restart_gateway))
+        await asyncio.wait_for(client.ws.wait_closed(), 20)
+        assert client.ws.close_code == 1001
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                ws = await websockets.asyncio.client.connect(cluster.url, compression=None, open_timeout=2)
+                break
+            except OSError:  # refused: the old one has closed the port, the new one not yet taken it
+                assert time.monotonic() < deadline, "the new gateway never took the client port"
+                await asyncio.sleep(0.005)
+        old_was_running = pid_alive(old)
+        await ws.send(orjson.dumps({"op": "hello", "token": cluster.token("taken")}), text=True)
+        welcome = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert welcome["op"] == "welcome", welcome
+        await ws.send(orjson.dumps({"op": "player.update", "id": 1, "args": {"incr": {"xp": 1}}}), text=True)
+        reply = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+        await ws.close()
+        await restart
+        return old_was_running, int(reply["result"]["xp"])
+
+    old_was_running, xp = asyncio.run(main())
+    assert old_was_running, "the client was accepted only once the old gateway had exited"
+    assert xp == 2  # the actor stayed on its node
+    assert local.pid("gateway") not in (None, old)
+
+
+def test_a_gateway_that_cannot_start_leaves_the_running_one_serving(make_cluster):
+    cluster = make_cluster()
+    local = cluster.local
+    old = local.pid("gateway")
+    node = local.pid("n1")
+    good = cluster.config_path.read_text()
+    cluster.config_path.write_text(good + "\n[gateway]\n")  # a second [gateway]: not valid TOML
+    try:
+        with pytest.raises(ClusterError, match=f"before taking over .*the old one, pid {old}, runs on"):
+            local.restart_gateway()
+    finally:
+        cluster.config_path.write_text(good)
+    assert local.pid("gateway") == old and http_json(local.admin_url("gateway") + "/healthz")[0] == 200
+    # --replace names a process that is not a gateway: refused, and that process untouched.
+    command = [sys.executable, "-m", "server.cli", "--config", str(cluster.config_path), "gateway"]
+    run = subprocess.run([*command, "--replace", str(node)], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 2 and f"--replace {node}: that process is not a ringside gateway" in run.stderr
+    assert pid_alive(node) and local.pid("gateway") == old
 
 
 def test_status_tells_a_drained_node_from_a_dead_one(make_cluster):

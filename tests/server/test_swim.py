@@ -369,6 +369,31 @@ def test_graceful_leave_is_never_seen_as_faulty() -> None:
     assert x not in [m.name for m in net.nodes["n000"].live_members()]
 
 
+def _leave(announce_fanout: int, members: int = 10) -> tuple[float, set[MemberState | None]]:
+    """A member leaves: how long until its leave is complete (its process may exit), and
+    what the others hold of it then."""
+    net = SimNet(members, seed=17, config=replace(CFG, announce_fanout=announce_fanout))
+    net.boot()
+    x = "n003"
+    net.send(x, net.nodes[x].leave(net.now))
+    took = net.run(10.0, until=lambda: net.nodes[x].leave_complete, check_every=0.0)
+    assert took is not None
+    net.run(0.02)  # what it sent on its way out arrives (the simulation drops a crashed sender's packets)
+    net.crashed.add(x)
+    return took, net.state_of(x)
+
+
+def test_a_leaving_member_tells_every_member_it_left_and_may_exit_at_once() -> None:
+    # A stop waits for its leave to complete: a restarted gateway needs the ports.
+    took, held = _leave(announce_fanout=32)
+    assert CFG.leave_linger <= took <= CFG.leave_linger + 0.02 and held == {LEFT}, (took, held)
+    took, held = _leave(announce_fanout=0)  # the rumor rides retransmit_mult * log2(N) pings
+    assert took > CFG.leave_linger + 4 * PERIOD, took
+    # More members than the fanout: told to 32 at once, the rest hear it with the pings.
+    took, held = _leave(announce_fanout=32, members=40)
+    assert took > CFG.leave_linger + 4 * PERIOD and held == {LEFT}, (took, held)
+
+
 def _rejoin_after_leave(announce_fanout: int) -> float:
     """A member leaves, its process exits, and a new one starts under the same name and
     address (a rolling restart): how long until every other member holds it alive."""
