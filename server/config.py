@@ -138,7 +138,7 @@ class GatewaySettings:
     token_ttl_s: int = 86_400  # default lifetime of tokens minted by `ringside token`
     leave_timeout_s: float = 0.8  # on stop: gossip `leaving`, then `left` (swim.leave_linger 0.3 s)
     # On stop, how long clients have to finish their close handshake (1001) before they are
-    # cut: a restart's clients cannot reconnect until this process is gone.
+    # cut: the process (and a restart's gossip port) is held until then.
     stop_close_timeout_s: float = 1.0
     # On stop, how long a session waits for the replies to the requests it already forwarded
     # before it is closed (1001): a request a client got no reply to was not applied
