@@ -493,7 +493,8 @@ class LocalCluster:
             self.start_gateway()
         else:
             self._spawn("gateway", self._ringside("gateway", "--replace", str(old)), replacing=True)
-            self._await_replaced(old, started + self.config.gateway.replace_wait_s)
+            # Well inside the new one's own wait for the ports, so that it still takes them.
+            self._await_replaced(old, started + self.config.gateway.replace_wait_s / 2)
             self._wait("gateway", self._healthy("gateway"), timeout=20)
         running = [n for n in self.config.all_node_names if self.pid(n) is not None]
         self._wait("gateway", lambda: self._routes_to(*running), 20)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -249,6 +251,30 @@ def test_a_gateway_that_cannot_start_leaves_the_running_one_serving(make_cluster
     run = subprocess.run([*command, "--replace", str(node)], capture_output=True, text=True, timeout=30)
     assert run.returncode == 2 and f"--replace {node}: that process is not a ringside gateway" in run.stderr
     assert pid_alive(node) and local.pid("gateway") == old
+
+
+def test_a_gateway_restart_kills_an_old_gateway_that_does_not_stop(make_cluster):
+    """The running gateway is stopped (SIGSTOP) and cannot act on the new one's SIGTERM: the
+    restart kills it halfway through `replace_wait_s`, and the new one takes the ports."""
+    cluster = make_cluster(extra="[gateway]\nreplace_wait_s = 4.0")
+    local = cluster.local
+    said: list[str] = []
+    local.progress = said.append
+    old = local.pid("gateway")
+    assert old is not None
+    os.kill(old, signal.SIGSTOP)
+    try:
+        local.restart_gateway()
+    finally:
+        if pid_alive(old):
+            os.kill(old, signal.SIGCONT)
+    assert not pid_alive(old) and any("did not stop in time; killing it" in line for line in said), said
+
+    async def xp_after_an_update() -> int:
+        async with await RingsideClient.connect(cluster.url, cluster.token("stuck")) as client:
+            return int((await client.request("player.update", {"incr": {"xp": 1}}))["xp"])
+
+    assert asyncio.run(xp_after_an_update()) == 1
 
 
 def test_status_tells_a_drained_node_from_a_dead_one(make_cluster):
