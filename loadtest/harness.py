@@ -2,20 +2,54 @@
 
 from __future__ import annotations
 
+import random
 import socket
 from pathlib import Path
 
+# Where the host's own range cannot be read: covers the usual ones (Linux 32768-60999,
+# macOS and the BSDs 49152-65535).
+DEFAULT_EPHEMERAL = (32768, 65535)
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out itself: to bind(0) and as the source port of connect()."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return DEFAULT_EPHEMERAL
+    return low, high
+
+
+def _free_now(port: int) -> bool:
+    """Nothing on this host holds `port` on loopback, for TCP or for UDP (gossip uses both)."""
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
 
 def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+    """`n` distinct loopback ports free now, for processes that bind them later.
+
+    Not from the kernel's ephemeral range: a port from it, free when picked, could be handed
+    by the kernel to anyone's bind(0) or connect() on the host before the process it is meant
+    for binds it (seconds later for a cluster's last processes), which then fails with
+    EADDRINUSE ("n1 exited during start"). Ports outside the range are only ever taken by
+    an explicit bind: another caller of this function, which picks at random among ~20,000."""
+    low, high = ephemeral_range()
+    pool = [p for p in range(10_000, 65_536) if not low <= p <= high]
+    rng = random.SystemRandom()
+    ports: list[int] = []
+    for _ in range(100 * n + 1000):
+        port = rng.choice(pool)
+        if port not in ports and _free_now(port):
+            ports.append(port)
+            if len(ports) == n:
+                return ports
+    raise RuntimeError(f"found only {len(ports)} of {n} free ports in 10000-65535 outside {low}-{high}")
 
 
 def write_config(directory: Path, *, nodes: int = 3, standby: int = 0, extra: str = "") -> Path:
