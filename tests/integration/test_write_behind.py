@@ -222,12 +222,20 @@ def test_a_fence_inside_the_pull_window_loses_nothing(make_cluster):
 
     async def main():
         c = await RingsideClient.connect(cluster.url, cluster.token(player))
-        for _ in range(50):
+        await c.request("player.update", {"incr": {"xp": 1}})
+        # The owner flushes once a period (2 s), from a phase unknown here. A flush between
+        # the last update and the steal would leave it clean when fenced: its next flush
+        # would write nothing, be refused nothing, and the fence would never come. Once the
+        # first update is in Redis, the next flush is a whole period away.
+        await asyncio.to_thread(wait_until, lambda: cluster.stored_xp(player) == 1, 5, "the first flush")
+        for _ in range(49):
             await c.request("player.update", {"incr": {"xp": 1}})
         await c.close()  # the gateway keeps what is not durable yet
         await steal_epoch(cluster, thief, player)
 
     asyncio.run(main())
+    # Else the owner flushed everything before the steal, and the window is not under test.
+    assert cluster.stored_xp(player) < 50, "the owner flushed the last updates before the steal"
     os.kill(pid, signal.SIGSTOP)
     try:
         wait_until(lambda: cluster.node_status(owner)["stale_epoch_refusals"] >= 1, 10, "the fence")
