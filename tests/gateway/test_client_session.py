@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import types
 
 from websockets.asyncio.client import connect
@@ -20,6 +19,7 @@ from websockets.protocol import State
 
 from gateway.app import Gateway, GatewayConnection, text_frame_header
 from gateway.session import Session
+from loadtest.harness import free_ports
 from server.config import ClusterConfig, GatewaySettings
 from server.errors import CloseCode
 from server.wire import Frame, Kind
@@ -311,9 +311,9 @@ def test_a_link_that_keeps_failing_keeps_retrying_and_says_so(caplog):
     OverflowError ended the link's task, and the gateway never linked to that node again."""
 
     async def main():
-        with socket.socket() as closed:
-            closed.bind(("127.0.0.1", 0))
-            port = closed.getsockname()[1]  # nothing listens once this socket is closed
+        # Nothing listens there. Outside the ephemeral range: 1,200 connects to a port inside
+        # it could each, rarely, get that port as their source and connect to themselves.
+        (port,) = free_ports(1)
         settings = GatewaySettings(link_retry_base_ms=0, link_retry_cap_ms=0)
         gateway = Gateway(ClusterConfig(gateway=settings))
         gateway.membership = types.SimpleNamespace(link_address=lambda name: ("127.0.0.1", port))  # type: ignore[assignment]
