@@ -92,12 +92,15 @@ def syscalls(pid: int) -> int:
 
 
 def wakeups(pid: int) -> int:
-    """Times the process's main thread went to sleep and was woken (or was preempted): its
-    context switches. Each process wake-up costs the loop's poll and a cold cache, whatever
-    it then does, so more processes on a request's path cost more even when each is lean."""
+    """Times the process's main thread slept and was woken (voluntary context switches; not
+    preemptions, which follow the machine's load). Each wake-up costs the loop's poll and a
+    cold cache whatever the process then does, so a request that wakes more processes
+    costs more even when each of them is lean."""
     with open(f"/proc/{pid}/status") as fh:
-        fields = (line.split(":") for line in fh)
-        return sum(int(value) for key, value in fields if key.endswith("ctxt_switches"))
+        for line in fh:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no voluntary_ctxt_switches in /proc/{pid}/status")
 
 
 def rss_kib(pid: int) -> int:
