@@ -1074,7 +1074,9 @@ class Gateway:
             cs.finish(CloseCode.GOING_AWAY, "gateway shutting down", self.settings.stop_reply_timeout_s)
         # Leave the gossip while the clients close: a restart's new gateway (`replace`) takes
         # the gossip port only once this process is gone. It has the client port already.
-        leaving = loop.create_task(self.membership.leave(self.settings.leave_timeout_s))
+        leaving = loop.create_task(
+            self.membership.leave(self.settings.leave_timeout_s, linger=self.settings.leave_linger_s)
+        )
         await asyncio.sleep(0.1)
         answered_by = time.monotonic() + self.settings.stop_reply_timeout_s
         while any(cs.close_code is None for cs in sessions) and time.monotonic() < answered_by:

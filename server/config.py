@@ -136,7 +136,11 @@ class GatewaySettings:
     link_retry_base_ms: int = 50
     link_retry_cap_ms: int = 1_000
     token_ttl_s: int = 86_400  # default lifetime of tokens minted by `ringside token`
-    leave_timeout_s: float = 0.8  # on stop: gossip `leaving`, then `left` (swim.leave_linger 0.3 s)
+    leave_timeout_s: float = 0.8  # on stop: gossip `leaving`, then `left`
+    # How long a stopping gateway gossips `leaving` before `left`. A node lingers
+    # (`[swim] leave_linger`) so that peers take it out of the ring before it goes; a gateway
+    # owns no ring slot, and a restart's new gateway waits for its gossip port.
+    leave_linger_s: float = 0.0
     # On stop, how long clients have to finish their close handshake (1001) before they are
     # cut: the process (and a restart's gossip port) is held until then.
     stop_close_timeout_s: float = 1.0

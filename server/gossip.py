@@ -173,10 +173,10 @@ class GossipEndpoint:
             await self._tcp.wait_closed()
             self._tcp = None
 
-    async def leave(self, timeout: float = 5.0) -> bool:
+    async def leave(self, timeout: float = 5.0, linger: float | None = None) -> bool:
         """Gossip our departure, wait until it has been spread (or ``timeout``), then stop.
         Returns whether the departure was fully gossiped."""
-        self._flush(self.swim.leave(self._clock()))
+        self._flush(self.swim.leave(self._clock(), linger))
         try:
             await self.wait_until(lambda s: s.leave_complete, timeout)
             done = True

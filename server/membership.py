@@ -57,12 +57,13 @@ class Membership:
     async def start(self) -> None:
         await self.endpoint.start()
 
-    async def leave(self, timeout: float = 3.0) -> bool:
-        """Gossip `leaving` (peers drop us from the ring at once), then stop gossiping."""
+    async def leave(self, timeout: float = 3.0, linger: float | None = None) -> bool:
+        """Gossip `leaving` (peers drop us from the ring at once) for `linger` (default
+        `[swim] leave_linger`), then `left`, then stop gossiping."""
         if self.left:
             return True
         self.left = True
-        return await self.endpoint.leave(timeout)
+        return await self.endpoint.leave(timeout, linger)
 
     async def stop(self) -> None:
         self.left = True

@@ -386,13 +386,13 @@ class Swim:
             self._queue.pop(self.name, None)
         return out
 
-    def leave(self, now: float) -> list[Outgoing]:
-        """Gossip LEAVING now, LEFT after ``leave_linger``. Keep calling ``tick`` (and
-        answering pings) until ``leave_complete``, then stop."""
+    def leave(self, now: float, linger: float | None = None) -> list[Outgoing]:
+        """Gossip LEAVING now, LEFT after ``linger`` (default ``leave_linger``). Keep calling
+        ``tick`` (and answering pings) until ``leave_complete``, then stop."""
         if self._me.state in (LEAVING, LEFT):
             return []
         self._set_self(replace(self._me, incarnation=self._me.incarnation + 1, state=LEAVING))
-        self._leave_at = now + self.config.leave_linger
+        self._leave_at = now + (self.config.leave_linger if linger is None else linger)
         peers = self._random_peers(self.config.indirect_probes, exclude=(), states={ALIVE})
         return [self._ping(m) for m in peers]
 

@@ -196,9 +196,10 @@ def test_restart_starts_a_killed_node_and_restarts_the_gateway(make_cluster):
 def test_a_restarted_gateway_serves_its_clients_while_the_old_one_is_leaving(make_cluster):
     """`restart gateway` starts the new gateway first; once ready it stops the old one and
     takes the client port as soon as that one closes it (decision 39). A client cut with 1001
-    is accepted at once, while the old process is still leaving the gossip (its linger is
-    1 s here, so the check has room), and served once the new one has the ring."""
-    cluster = make_cluster(extra="[swim]\nleave_linger = 1.0\n[gateway]\nleave_timeout_s = 2.0")
+    is accepted at once, while the old process is still leaving the gossip (it lingers 1 s
+    here, where by default it leaves at once, so the check has room), and served once the new
+    one has the ring."""
+    cluster = make_cluster(extra="[gateway]\nleave_linger_s = 1.0\nleave_timeout_s = 2.0")
     local = cluster.local
     old = local.pid("gateway")
     assert old is not None

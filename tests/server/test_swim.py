@@ -369,13 +369,15 @@ def test_graceful_leave_is_never_seen_as_faulty() -> None:
     assert x not in [m.name for m in net.nodes["n000"].live_members()]
 
 
-def _leave(announce_fanout: int, members: int = 10) -> tuple[float, set[MemberState | None]]:
+def _leave(
+    announce_fanout: int, members: int = 10, linger: float | None = None
+) -> tuple[float, set[MemberState | None]]:
     """A member leaves: how long until its leave is complete (its process may exit), and
     what the others hold of it then."""
     net = SimNet(members, seed=17, config=replace(CFG, announce_fanout=announce_fanout))
     net.boot()
     x = "n003"
-    net.send(x, net.nodes[x].leave(net.now))
+    net.send(x, net.nodes[x].leave(net.now, linger))
     took = net.run(10.0, until=lambda: net.nodes[x].leave_complete, check_every=0.0)
     assert took is not None
     net.run(0.02)  # what it sent on its way out arrives (the simulation drops a crashed sender's packets)
@@ -387,6 +389,8 @@ def test_a_leaving_member_tells_every_member_it_left_and_may_exit_at_once() -> N
     # A stop waits for its leave to complete: a restarted gateway needs the ports.
     took, held = _leave(announce_fanout=32)
     assert CFG.leave_linger <= took <= CFG.leave_linger + 0.02 and held == {LEFT}, (took, held)
+    took, held = _leave(announce_fanout=32, linger=0.0)  # a gateway's: it owns no ring slot
+    assert took < 0.03 and held == {LEFT}, (took, held)  # two steps of the simulated network
     took, held = _leave(announce_fanout=0)  # the rumor rides retransmit_mult * log2(N) pings
     assert took > CFG.leave_linger + 4 * PERIOD, took
     # More members than the fanout: told to 32 at once, the rest hear it with the pings.
