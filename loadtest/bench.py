@@ -1452,26 +1452,20 @@ def table(r: dict[str, Any]) -> str:
                 verdict(met, "cpu_one_node_le_2x", "<= 2x (median)"),
             )
         )
-    sys_per = s["syscalls_per_req"]
-    rows.append(
-        (
-            "  socket reads + writes per request, gateway / nodes",
-            f"{sys_per['gateway']:.2f} / {sum(v for k, v in sys_per.items() if k != 'gateway'):.2f}",
-            f"{e['syscalls_per_msg']:.2f}",
-            ratio(sum(sys_per.values()), e["syscalls_per_msg"]),
-            "",
+    for label, ours, echo in (
+        ("socket reads + writes", s["syscalls_per_req"], e["syscalls_per_msg"]),
+        ("process wake-ups", s["wakeups_per_req"], e["wakeups_per_msg"]),
+    ):
+        nodes = sum(v for k, v in ours.items() if k != "gateway")
+        rows.append(
+            (
+                f"  {label} per request, gateway / nodes",
+                f"{ours['gateway']:.2f} / {nodes:.2f}",
+                f"{echo:.2f}",
+                ratio(sum(ours.values()), echo),
+                "",
+            )
         )
-    )
-    wake_per = s["wakeups_per_req"]
-    rows.append(
-        (
-            "  process wake-ups per request, gateway / nodes",
-            f"{wake_per['gateway']:.2f} / {sum(v for k, v in wake_per.items() if k != 'gateway'):.2f}",
-            f"{e['wakeups_per_msg']:.2f}",
-            ratio(sum(wake_per.values()), e["wakeups_per_msg"]),
-            "",
-        )
-    )
     rows.append(
         (
             "  incl. Redis (us)",
