@@ -378,11 +378,10 @@ class Swim:
         """Our LEFT, to the live members at once: a process waits for its departure to be
         spread before it exits (`leave_complete`), and the pings alone take
         retransmit_mult * log2(N) periods, longer than a stop waits (a gateway's restart
-        needs its ports freed). Told to every member we know, the rumor has nothing left to
-        do; past `announce_fanout` members, it rides the pings as before."""
-        every = [m for m in self._members.values() if m.state in PROBED and m.name != self.name]
+        needs its ports freed). Told to every member we know (none, for the last one), the
+        rumor has nothing left to do; past `announce_fanout` members, it rides the pings."""
         out = self._announce_self()
-        if out and len(out) == len(every):
+        if len(out) == sum(1 for m in self._members.values() if m.state in PROBED and m.name != self.name):
             self._queue.pop(self.name, None)
         return out
 

@@ -370,13 +370,13 @@ def test_graceful_leave_is_never_seen_as_faulty() -> None:
 
 
 def _leave(
-    announce_fanout: int, members: int = 10, linger: float | None = None
+    announce_fanout: int, members: int = 10, linger: float | None = None, leaver: str = "n003"
 ) -> tuple[float, set[MemberState | None]]:
     """A member leaves: how long until its leave is complete (its process may exit), and
     what the others hold of it then."""
     net = SimNet(members, seed=17, config=replace(CFG, announce_fanout=announce_fanout))
     net.boot()
-    x = "n003"
+    x = leaver
     net.send(x, net.nodes[x].leave(net.now, linger))
     took = net.run(10.0, until=lambda: net.nodes[x].leave_complete, check_every=0.0)
     assert took is not None
@@ -393,6 +393,9 @@ def test_a_leaving_member_tells_every_member_it_left_and_may_exit_at_once() -> N
     assert took < 0.03 and held == {LEFT}, (took, held)  # two steps of the simulated network
     took, held = _leave(announce_fanout=0)  # the rumor rides retransmit_mult * log2(N) pings
     assert took > CFG.leave_linger + 4 * PERIOD, took
+    # The last member has no one to tell: it leaves at the end of its linger, not the timeout.
+    took, _ = _leave(announce_fanout=32, members=1, leaver="n000")
+    assert CFG.leave_linger <= took <= CFG.leave_linger + 0.02, took
     # More members than the fanout: told to 32 at once, the rest hear it with the pings.
     took, held = _leave(announce_fanout=32, members=40)
     assert took > CFG.leave_linger + 4 * PERIOD and held == {LEFT}, (took, held)
